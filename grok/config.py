@@ -1,0 +1,160 @@
+"""Model configuration: a plain dataclass, named presets and JSON loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+
+def ffn_size(emb_size: int, widening_factor: float) -> int:
+    """Feed-forward width as the reference computes it: 2/3 of w*D, rounded up to a multiple of 8."""
+    size = int(widening_factor * emb_size) * 2 // 3
+    return size + (-size) % 8
+
+
+@dataclasses.dataclass(frozen=True)
+class GrokConfig:
+    """Hyper-parameters of a Grok-1-shaped model; field names follow the reference release."""
+
+    emb_size: int
+    key_size: int
+    num_q_heads: int
+    num_kv_heads: int
+    num_layers: int
+    vocab_size: int
+    widening_factor: float
+    attn_output_multiplier: float
+    num_experts: int
+    num_selected_experts: int
+    embedding_multiplier_scale: float
+    output_multiplier_scale: float
+    pad_token: int
+    eos_token: int
+    sequence_len: int
+
+    def __post_init__(self) -> None:
+        problems = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"{field.name} must be a number, got {value!r}")
+        if problems:
+            raise ValueError("invalid config: " + "; ".join(problems))
+        if self.num_q_heads % self.num_kv_heads:
+            problems.append(
+                f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if not 0 < self.num_selected_experts <= self.num_experts:
+            problems.append(
+                f"num_selected_experts ({self.num_selected_experts}) must be in 1..num_experts ({self.num_experts})"
+            )
+        if self.key_size % 2:
+            problems.append(f"key_size ({self.key_size}) must be even for rotary embeddings")
+        for name in ("pad_token", "eos_token"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                problems.append(f"{name} ({getattr(self, name)}) must be < vocab_size ({self.vocab_size})")
+        if problems:
+            raise ValueError("invalid config: " + "; ".join(problems))
+
+    @property
+    def ffn_size(self) -> int:
+        """Width F of each expert's hidden layer."""
+        return ffn_size(self.emb_size, self.widening_factor)
+
+    @property
+    def heads_per_kv_head(self) -> int:
+        """G: query heads that share one key/value head."""
+        return self.num_q_heads // self.num_kv_heads
+
+    def replace(self, **changes) -> GrokConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _small(emb_size: int, key_size: int, num_q_heads: int, num_kv_heads: int, **fields) -> GrokConfig:
+    """A small Grok-shaped config whose multipliers follow the released model's formulas."""
+    defaults = dict(
+        widening_factor=2.0,
+        num_experts=8,
+        num_selected_experts=2,
+        pad_token=0,
+        eos_token=2,
+        sequence_len=256,
+    )
+    defaults.update(fields)
+    return GrokConfig(
+        emb_size=emb_size,
+        key_size=key_size,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        attn_output_multiplier=1 / math.sqrt(key_size),
+        embedding_multiplier_scale=math.sqrt(emb_size),
+        output_multiplier_scale=1 / math.sqrt(3),
+        **defaults,
+    )
+
+
+PRESETS: dict[str, GrokConfig] = {
+    # The released 314B model, exactly as in GROK1.md.
+    "grok-1": GrokConfig(
+        emb_size=6144,
+        key_size=128,
+        num_q_heads=48,
+        num_kv_heads=8,
+        num_layers=64,
+        vocab_size=128 * 1024,
+        widening_factor=8,
+        attn_output_multiplier=0.08838834764831845,
+        num_experts=8,
+        num_selected_experts=2,
+        embedding_multiplier_scale=78.38367176906169,
+        output_multiplier_scale=0.5773502691896257,
+        pad_token=0,
+        eos_token=2,
+        sequence_len=8192,
+    ),
+    # What `python run.py` runs with random weights when no checkpoint is present (~10 MB of int8; byte-level vocabulary).
+    "demo": _small(emb_size=256, key_size=32, num_q_heads=8, num_kv_heads=2, num_layers=4, vocab_size=328),
+    # Tiny model for unit tests: 4 experts so nothing assumes 8.
+    "tiny": _small(
+        emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2, num_layers=2, vocab_size=256,
+        num_experts=4, sequence_len=64,
+    ),
+}
+
+
+def load_config(spec: str | Path | GrokConfig) -> GrokConfig:
+    """Return a config from a preset name, a JSON file path, or a config (returned as is)."""
+    if isinstance(spec, GrokConfig):
+        return spec
+    name = str(spec)
+    if name in PRESETS:
+        return PRESETS[name]
+    path = Path(name)
+    if not path.suffix == ".json" and not path.exists():
+        raise ValueError(f"unknown config {name!r}: expected one of {sorted(PRESETS)} or a .json file")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {path} is not valid JSON: {err}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"config file {path} must hold a JSON object of config fields")
+    return config_from_dict(fields, source=str(path))
+
+
+def config_from_dict(fields: dict, source: str = "config") -> GrokConfig:
+    """Build a config from a dict with exactly the dataclass's field names."""
+    known = {f.name for f in dataclasses.fields(GrokConfig)}
+    unknown = sorted(set(fields) - known)
+    missing = sorted(known - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown config field(s): {', '.join(unknown)}")
+    if missing:
+        raise ValueError(f"{source}: missing config field(s): {', '.join(missing)}")
+    return GrokConfig(**fields)

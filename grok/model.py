@@ -1,0 +1,233 @@
+"""Grok-1 as Haiku modules. Modules own parameters (tree as in GROK1.md); the math is in `grok.ops`.
+
+The decoder layers run as one `hk.layer_stack` scan, so their parameters are stacked along a
+leading layer axis under `transformer/decoder_layer/...`; `grok.weights` maps that tree to and from
+the per-layer tree `transformer/decoder_layer_{i}/...` of the released checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from grok import ops
+from grok.config import GrokConfig
+from grok.quant import QuantizedWeight8bit, dequantize
+
+DTYPE = jnp.bfloat16  # activations ("fprop dtype") of the released model
+
+
+class KVMemory(NamedTuple):
+    """Key/value cache for all layers: `step[b]` tokens of sequence b are written so far.
+
+    `mask[b, s]` is False where position s holds a pad token (never attended to as a key).
+    """
+
+    k: Float[Array, "layers b s kv d"]
+    v: Float[Array, "layers b s kv d"]
+    mask: Bool[Array, "b s"]
+    step: Int[Array, "b"]
+
+
+def init_memory(config: GrokConfig, batch_size: int, length: int) -> KVMemory:
+    """An empty cache of `length` positions for `batch_size` sequences."""
+    shape = (config.num_layers, batch_size, length, config.num_kv_heads, config.key_size)
+    return KVMemory(
+        k=jnp.zeros(shape, DTYPE),
+        v=jnp.zeros(shape, DTYPE),
+        mask=jnp.zeros((batch_size, length), bool),
+        step=jnp.zeros((batch_size,), jnp.int32),
+    )
+
+
+def as_matrix(w: Array | QuantizedWeight8bit, dtype) -> Array:
+    """A float or 8-bit weight as a `dtype` array (8-bit: `dtype(int8) * dtype(scales)`)."""
+    if isinstance(w, QuantizedWeight8bit):
+        return dequantize(w, dtype)
+    return w.astype(dtype)
+
+
+def _weight(name: str, shape: tuple[int, ...]) -> Array | QuantizedWeight8bit:
+    """Parameter `w` of a sub-module called `name` (float at init; float or 8-bit when applied)."""
+    with hk.name_scope(name):
+        return hk.get_parameter("w", shape, jnp.float32, init=hk.initializers.VarianceScaling())
+
+
+class Linear(hk.Module):
+    """Bias-free linear layer whose weight may be float or `QuantizedWeight8bit`."""
+
+    def __init__(self, output_size: int, name: str):
+        super().__init__(name=name)
+        self.output_size = output_size
+
+    def __call__(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_out"]:
+        w = hk.get_parameter(
+            "w", (x.shape[-1], self.output_size), jnp.float32, init=hk.initializers.VarianceScaling()
+        )
+        return x @ as_matrix(w, x.dtype)
+
+
+class RMSNorm(hk.Module):
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        scale = hk.get_parameter("scale", (x.shape[-1],), jnp.float32, init=jnp.ones)
+        return ops.rms_norm(x, scale)
+
+
+class MultiHeadAttention(hk.Module):
+    """Grouped-query self-attention over a KV cache, with rotary positions."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(name="multi_head_attention")
+        self.config = config
+
+    def __call__(
+        self,
+        x: Float[Array, "b t d"],
+        positions: Int[Array, "b t"],
+        mask: Bool[Array, "b t s"],
+        k_cache: Float[Array, "b s kv hd"],
+        v_cache: Float[Array, "b s kv hd"],
+        step: Int[Array, "b"],
+    ) -> tuple[Float[Array, "b t d"], Float[Array, "b s kv hd"], Float[Array, "b s kv hd"]]:
+        c = self.config
+        b, t, _ = x.shape
+        q = Linear(c.num_q_heads * c.key_size, name="query")(x).reshape(b, t, c.num_q_heads, c.key_size)
+        k = Linear(c.num_kv_heads * c.key_size, name="key")(x).reshape(b, t, c.num_kv_heads, c.key_size)
+        v = Linear(c.num_kv_heads * c.key_size, name="value")(x).reshape(b, t, c.num_kv_heads, c.key_size)
+        q = ops.apply_rope(q, positions)
+        k = ops.apply_rope(k, positions)
+        k_cache = _write_at(k_cache, k.astype(k_cache.dtype), step)
+        v_cache = _write_at(v_cache, v.astype(v_cache.dtype), step)
+        out = ops.attention(q, k_cache, v_cache, mask, c.attn_output_multiplier)
+        out = Linear(c.emb_size, name="linear")(out.reshape(b, t, c.num_q_heads * c.key_size))
+        return out, k_cache, v_cache
+
+
+def _write_at(cache: Array, update: Array, step: Int[Array, "b"]) -> Array:
+    """Write `update` [b, t, ...] into `cache` [b, s, ...] at row b's offset step[b]."""
+    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(cache, update, step)
+
+
+class MoELayer(hk.Module):
+    """Router plus experts; every expert is a gated-GELU block with stacked [E, ...] weights."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(name="moe")
+        self.config = config
+
+    def __call__(
+        self, x: Float[Array, "n d"], gates: Float[Array, "n k"], experts: Int[Array, "n k"]
+    ) -> Float[Array, "n d"]:
+        c = self.config
+        e, d, f = c.num_experts, c.emb_size, c.ffn_size
+        w_in = as_matrix(_weight("linear", (e, d, f)), x.dtype)
+        w_gate = as_matrix(_weight("linear_v", (e, d, f)), x.dtype)
+        w_out = as_matrix(_weight("linear_1", (e, f, d)), x.dtype)
+        return ops.moe_all_experts(x, gates, experts, w_in, w_gate, w_out)
+
+
+class Router(hk.Module):
+    """Chooses each token's experts; its [D, E] weight stays float32."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(name="router")
+        self.config = config
+
+    def __call__(self, x: Float[Array, "n d"]) -> tuple[Float[Array, "n k"], Int[Array, "n k"]]:
+        c = self.config
+        w = hk.get_parameter("w", (c.emb_size, c.num_experts), jnp.float32, init=hk.initializers.VarianceScaling())
+        return ops.route(x, w, c.num_selected_experts)
+
+
+class DecoderLayer(hk.Module):
+    """h + norm(attention(norm(h))), then h + norm(moe(norm(h)))."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(name="decoder_layer")
+        self.config = config
+
+    def __call__(self, h, positions, mask, k_cache, v_cache, step):
+        c = self.config
+        attn, k_cache, v_cache = MultiHeadAttention(c)(
+            RMSNorm(name="rms_norm")(h), positions, mask, k_cache, v_cache, step
+        )
+        h = h + RMSNorm(name="rms_norm_1")(attn)
+        x = RMSNorm(name="rms_norm_2")(h).reshape(-1, c.emb_size)
+        moe = MoELayer(c)(x, *Router(c)(x)).reshape(h.shape)
+        h = h + RMSNorm(name="rms_norm_3")(moe)
+        return h, k_cache, v_cache
+
+
+class InOutEmbed(hk.Module):
+    """The tied embedding: token ids -> vectors on the way in, vectors -> logits on the way out."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(name="in_out_embed")
+        self.config = config
+
+    def _embeddings(self) -> Float[Array, "v d"]:
+        shape = (self.config.vocab_size, self.config.emb_size)
+        return hk.get_parameter("embeddings", shape, jnp.float32, init=hk.initializers.TruncatedNormal(1.0))
+
+    def embed(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+        x = self._embeddings()[tokens].astype(DTYPE)
+        return x * self.config.embedding_multiplier_scale  # a weakly typed constant: stays bf16
+
+    def decode(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+        logits = h @ self._embeddings().T.astype(h.dtype)
+        return logits * self.config.output_multiplier_scale
+
+
+class Output(NamedTuple):
+    logits: Float[Array, "b t v"]
+    memory: KVMemory
+    hidden: Float[Array, "layers b t d"] | None  # residual stream after each layer, if asked for
+
+
+def forward(
+    config: GrokConfig,
+    tokens: Int[Array, "b t"],
+    memory: KVMemory | None = None,
+    lengths: Int[Array, "b"] | None = None,
+    return_hidden: bool = False,
+) -> Output:
+    """Run a chunk of tokens through the model (inside `hk.transform`).
+
+    Each row's chunk starts at position `memory.step[b]` and is right-padded: `lengths[b]` real
+    tokens (default: all T), by which the row's step then advances. Without `memory` this is one
+    full forward pass from position 0.
+    """
+    b, t = tokens.shape
+    if memory is None:
+        memory = init_memory(config, b, t)
+    if lengths is None:
+        lengths = jnp.full((b,), t, jnp.int32)
+    positions = memory.step[:, None] + jnp.arange(t)[None, :]
+    key_mask = _write_at(memory.mask, tokens > config.pad_token, memory.step)
+    mask = ops.attention_mask(key_mask, positions)
+
+    with hk.name_scope("language_model"):
+        in_out_embed = InOutEmbed(config)
+        final_norm = RMSNorm(name="rms_norm")
+    h = in_out_embed.embed(tokens)
+
+    def layer(h, k_cache, v_cache):
+        h, k_cache, v_cache = DecoderLayer(config)(h, positions, mask, k_cache, v_cache, memory.step)
+        return h, (k_cache, v_cache, h if return_hidden else None)
+
+    h, (k, v, hidden) = hk.layer_stack(config.num_layers, with_per_layer_inputs=True, name="transformer")(
+        layer
+    )(h, memory.k, memory.v)
+    new_memory = KVMemory(k=k, v=v, mask=key_mask, step=memory.step + lengths)
+    return Output(logits=in_out_embed.decode(final_norm(h)), memory=new_memory, hidden=hidden)
+
+
+def build(config: GrokConfig, return_hidden: bool = False) -> hk.Transformed:
+    """`init(rng, tokens)` and `apply(params, tokens, memory=None, lengths=None)` for `config`."""
+    return hk.without_apply_rng(
+        hk.transform(lambda tokens, memory=None, lengths=None: forward(config, tokens, memory, lengths, return_hidden))
+    )

@@ -1,0 +1,136 @@
+"""The one description of Grok-1's weights, and the map between the model's and the checkpoint's trees.
+
+Shapes come from the Haiku modules themselves (`jax.eval_shape` of `init`); this module adds
+which weights are stored 8-bit and with how many scale blocks, and converts between
+- the *model tree*: layers stacked for the scan, `transformer/decoder_layer/...` with a leading
+  layer axis, and
+- the *checkpoint tree*: one entry per layer, `transformer/decoder_layer_{i}/...`, as released.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from grok import model
+from grok.config import GrokConfig
+from grok.quant import QuantizedWeight8bit
+
+Params = dict[str, dict[str, object]]
+
+# Module path (inside a decoder layer) -> number of row blocks of its bf16 scales, for 8-bit weights.
+SCALE_BLOCKS = {
+    "multi_head_attention/query": 1,
+    "multi_head_attention/key": 1,
+    "multi_head_attention/value": 1,
+    "multi_head_attention/linear": 8,
+    "moe/linear": 1,
+    "moe/linear_v": 1,
+    "moe/linear_1": 8,
+}
+
+_STACKED = "transformer/decoder_layer/"
+_PER_LAYER = re.compile(r"^transformer/decoder_layer_(\d+)/(.+)$")
+
+
+def model_shapes(config: GrokConfig) -> Params:
+    """Abstract model tree: float weights as `ShapeDtypeStruct`, 8-bit ones as `QuantizedWeight8bit` of them."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = jax.eval_shape(model.build(config).init, jax.random.key(0), tokens)
+    tree: Params = {}
+    for path, leaves in shapes.items():
+        blocks = SCALE_BLOCKS.get(path.removeprefix(_STACKED))
+        tree[path] = {}
+        for name, leaf in leaves.items():
+            if blocks is None:
+                tree[path][name] = leaf
+                continue
+            *lead, _, n_out = leaf.shape
+            tree[path][name] = QuantizedWeight8bit(
+                weight=jax.ShapeDtypeStruct(leaf.shape, jnp.int8),
+                scales=jax.ShapeDtypeStruct((*lead, blocks, n_out), jnp.bfloat16),
+            )
+    return tree
+
+
+def checkpoint_shapes(config: GrokConfig) -> Params:
+    """Abstract checkpoint tree (per-layer paths), the shapes and dtypes a release checkpoint must have."""
+    return unstack_layers(model_shapes(config), config.num_layers)
+
+
+def unstack_layers(params: Params, num_layers: int) -> Params:
+    """Model tree -> checkpoint tree: split the leading layer axis into `decoder_layer_{i}` entries."""
+    out: Params = {}
+    for path, leaves in params.items():
+        if not path.startswith(_STACKED):
+            out[path] = leaves
+            continue
+        for i in range(num_layers):
+            out[f"transformer/decoder_layer_{i}/{path.removeprefix(_STACKED)}"] = {
+                name: jax.tree.map(lambda a: _index(a, i), leaf) for name, leaf in leaves.items()
+            }
+    return out
+
+
+def stack_layers(params: Params, num_layers: int, stack=np.stack) -> Params:
+    """Checkpoint tree -> model tree: stack `decoder_layer_{i}` entries along a new leading axis."""
+    out: Params = {}
+    per_layer: dict[str, list] = {}
+    for path, leaves in params.items():
+        match = _PER_LAYER.match(path)
+        if match is None:
+            out[path] = leaves
+        else:
+            per_layer.setdefault(match.group(2), [None] * num_layers)[int(match.group(1))] = leaves
+    for sub_path, layers in per_layer.items():
+        missing = [i for i, leaves in enumerate(layers) if leaves is None]
+        if missing:
+            raise ValueError(f"checkpoint has no transformer/decoder_layer_{missing[0]}/{sub_path}")
+        out[_STACKED + sub_path] = jax.tree.map(lambda *xs: stack(xs), *layers)
+    return out
+
+
+def _index(leaf, i: int):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+    return leaf[i]
+
+
+def is_weight(x) -> bool:
+    """A checkpoint file's unit: one array or one 8-bit weight (never split into its two arrays)."""
+    return isinstance(x, QuantizedWeight8bit) or not isinstance(x, dict)
+
+
+def flatten(params: Params) -> tuple[list[str], list]:
+    """Checkpoint tree -> (names, weights) in release file order: keys sorted as strings at each level."""
+    leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight)
+    names = ["/".join(str(k.key) for k in path) for path, _ in leaves_with_paths]
+    return names, [leaf for _, leaf in leaves_with_paths]
+
+
+def random_params(config: GrokConfig, seed: int = 0) -> Params:
+    """Random checkpoint tree with the release's dtypes: int8 weights with bf16 scales, fp32 others.
+
+    Values are scaled so activations stay O(1) through the layers; every scale block differs, so
+    tests notice a dequantization that puts scales on the wrong rows.
+    """
+    rng = np.random.default_rng(seed)
+
+    def make(leaf, name: str):
+        if isinstance(leaf, QuantizedWeight8bit):
+            n_in = leaf.weight.shape[-2]
+            weight = rng.integers(-127, 128, size=leaf.weight.shape, dtype=np.int8)
+            scales = rng.uniform(0.5, 1.5, size=leaf.scales.shape) / (73.0 * np.sqrt(n_in))
+            return QuantizedWeight8bit(weight=weight, scales=scales.astype(ml_dtypes.bfloat16))
+        if name == "scale":
+            return (1.0 + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        if name == "embeddings":
+            return rng.standard_normal(leaf.shape).astype(np.float32)
+        return (rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0])).astype(np.float32)
+
+    shapes = checkpoint_shapes(config)
+    return {path: {name: make(leaf, name) for name, leaf in leaves.items()} for path, leaves in shapes.items()}
