@@ -13,7 +13,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import jax
 import ml_dtypes
@@ -187,23 +187,27 @@ def load_tensor(path: PathLike) -> Weight:
     raise CheckpointError(f"{label}: holds a {type(obj).__name__}, not a NumPy array or QuantizedWeight8bit")
 
 
-def read_checkpoint(directory: PathLike, config: GrokConfig, *, progress: bool = True) -> Params:
-    """Load a release checkpoint (`DIR/ckpt-0` or `DIR`) as a checkpoint tree of NumPy arrays.
+def iter_checkpoint(directory: PathLike, config: GrokConfig, *, progress: bool = True) -> Iterator[tuple[str, Weight]]:
+    """Yield (parameter path, weight) file by file, each checked against what `config` expects.
 
-    Every file is checked against the kind, shape and dtype that `config` expects for its weight.
+    Only one file's weight is in memory at a time (plus whatever the caller keeps).
     """
     directory = resolve_checkpoint_dir(directory)
-    expected_tree = checkpoint_shapes(config)
-    names, expected = flatten(expected_tree)
+    names, expected = flatten(checkpoint_shapes(config))
     _check_files_present(directory, names)
-    loaded = []
     for i, (name, want) in enumerate(
         tqdm(list(zip(names, expected)), desc=f"reading {directory}", unit="file", disable=not progress)
     ):
         path = directory / tensor_file_name(i)
         weight = load_tensor(path)
         _check_weight(f"{path} ({name})", want, weight)
-        loaded.append(weight)
+        yield name, weight
+
+
+def read_checkpoint(directory: PathLike, config: GrokConfig, *, progress: bool = True) -> Params:
+    """Load a release checkpoint (`DIR/ckpt-0` or `DIR`) as a checkpoint tree of NumPy arrays."""
+    expected_tree = checkpoint_shapes(config)
+    loaded = [weight for _, weight in iter_checkpoint(directory, config, progress=progress)]
     treedef = jax.tree_util.tree_structure(expected_tree, is_leaf=is_weight)
     return jax.tree_util.tree_unflatten(treedef, loaded)
 

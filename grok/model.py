@@ -17,6 +17,7 @@ from jaxtyping import Array, Bool, Float, Int
 from grok import ops
 from grok.config import GrokConfig
 from grok.quant import QuantizedWeight8bit, dequantize
+from grok.sharding import Constrain, no_constraint
 
 DTYPE = jnp.bfloat16  # activations ("fprop dtype") of the released model
 
@@ -80,9 +81,10 @@ class RMSNorm(hk.Module):
 class MultiHeadAttention(hk.Module):
     """Grouped-query self-attention over a KV cache, with rotary positions."""
 
-    def __init__(self, config: GrokConfig):
+    def __init__(self, config: GrokConfig, constrain: Constrain):
         super().__init__(name="multi_head_attention")
         self.config = config
+        self.constrain = constrain
 
     def __call__(
         self,
@@ -95,14 +97,16 @@ class MultiHeadAttention(hk.Module):
     ) -> tuple[Float[Array, "b t d"], Float[Array, "b s kv hd"], Float[Array, "b s kv hd"]]:
         c = self.config
         b, t, _ = x.shape
-        q = Linear(c.num_q_heads * c.key_size, name="query")(x).reshape(b, t, c.num_q_heads, c.key_size)
-        k = Linear(c.num_kv_heads * c.key_size, name="key")(x).reshape(b, t, c.num_kv_heads, c.key_size)
-        v = Linear(c.num_kv_heads * c.key_size, name="value")(x).reshape(b, t, c.num_kv_heads, c.key_size)
-        q = ops.apply_rope(q, positions)
-        k = ops.apply_rope(k, positions)
-        k_cache = _write_at(k_cache, k.astype(k_cache.dtype), step)
-        v_cache = _write_at(v_cache, v.astype(v_cache.dtype), step)
-        out = ops.attention(q, k_cache, v_cache, mask, c.attn_output_multiplier)
+        def project(name: str, heads: int) -> Array:
+            out = Linear(heads * c.key_size, name=name)(x).reshape(b, t, heads, c.key_size)
+            return self.constrain(out, "heads")
+
+        q = ops.apply_rope(project("query", c.num_q_heads), positions)
+        k = ops.apply_rope(project("key", c.num_kv_heads), positions)
+        v = project("value", c.num_kv_heads)
+        k_cache = self.constrain(_write_at(k_cache, k.astype(k_cache.dtype), step), "kv_cache")
+        v_cache = self.constrain(_write_at(v_cache, v.astype(v_cache.dtype), step), "kv_cache")
+        out = self.constrain(ops.attention(q, k_cache, v_cache, mask, c.attn_output_multiplier), "heads")
         out = Linear(c.emb_size, name="linear")(out.reshape(b, t, c.num_q_heads * c.key_size))
         return out, k_cache, v_cache
 
@@ -146,19 +150,20 @@ class Router(hk.Module):
 class DecoderLayer(hk.Module):
     """h + norm(attention(norm(h))), then h + norm(moe(norm(h)))."""
 
-    def __init__(self, config: GrokConfig):
+    def __init__(self, config: GrokConfig, constrain: Constrain):
         super().__init__(name="decoder_layer")
         self.config = config
+        self.constrain = constrain
 
     def __call__(self, h, positions, mask, k_cache, v_cache, step):
         c = self.config
-        attn, k_cache, v_cache = MultiHeadAttention(c)(
+        attn, k_cache, v_cache = MultiHeadAttention(c, self.constrain)(
             RMSNorm(name="rms_norm")(h), positions, mask, k_cache, v_cache, step
         )
-        h = h + RMSNorm(name="rms_norm_1")(attn)
+        h = self.constrain(h + RMSNorm(name="rms_norm_1")(attn), "residual")
         x = RMSNorm(name="rms_norm_2")(h).reshape(-1, c.emb_size)
         moe = MoELayer(c)(x, *Router(c)(x)).reshape(h.shape)
-        h = h + RMSNorm(name="rms_norm_3")(moe)
+        h = self.constrain(h + RMSNorm(name="rms_norm_3")(moe), "residual")
         return h, k_cache, v_cache
 
 
@@ -194,12 +199,14 @@ def forward(
     memory: KVMemory | None = None,
     lengths: Int[Array, "b"] | None = None,
     return_hidden: bool = False,
+    constrain: Constrain = no_constraint,
 ) -> Output:
     """Run a chunk of tokens through the model (inside `hk.transform`).
 
     Each row's chunk starts at position `memory.step[b]` and is right-padded: `lengths[b]` real
     tokens (default: all T), by which the row's step then advances. Without `memory` this is one
-    full forward pass from position 0.
+    full forward pass from position 0. `constrain(x, name)` pins named activations to a sharding
+    (`grok.sharding.Sharder.constrain`); by default nothing is constrained.
     """
     b, t = tokens.shape
     if memory is None:
@@ -213,21 +220,25 @@ def forward(
     with hk.name_scope("language_model"):
         in_out_embed = InOutEmbed(config)
         final_norm = RMSNorm(name="rms_norm")
-    h = in_out_embed.embed(tokens)
+    tokens = constrain(tokens, "tokens")
+    h = constrain(in_out_embed.embed(tokens), "residual")
 
     def layer(h, k_cache, v_cache):
-        h, k_cache, v_cache = DecoderLayer(config)(h, positions, mask, k_cache, v_cache, memory.step)
+        h, k_cache, v_cache = DecoderLayer(config, constrain)(h, positions, mask, k_cache, v_cache, memory.step)
         return h, (k_cache, v_cache, h if return_hidden else None)
 
     h, (k, v, hidden) = hk.layer_stack(config.num_layers, with_per_layer_inputs=True, name="transformer")(
         layer
     )(h, memory.k, memory.v)
     new_memory = KVMemory(k=k, v=v, mask=key_mask, step=memory.step + lengths)
-    return Output(logits=in_out_embed.decode(final_norm(h)), memory=new_memory, hidden=hidden)
+    logits = constrain(in_out_embed.decode(final_norm(h)), "logits")
+    return Output(logits=logits, memory=new_memory, hidden=hidden)
 
 
-def build(config: GrokConfig, return_hidden: bool = False) -> hk.Transformed:
+def build(config: GrokConfig, return_hidden: bool = False, constrain: Constrain = no_constraint) -> hk.Transformed:
     """`init(rng, tokens)` and `apply(params, tokens, memory=None, lengths=None)` for `config`."""
-    return hk.without_apply_rng(
-        hk.transform(lambda tokens, memory=None, lengths=None: forward(config, tokens, memory, lengths, return_hidden))
-    )
+
+    def fn(tokens, memory=None, lengths=None):
+        return forward(config, tokens, memory, lengths, return_hidden, constrain)
+
+    return hk.without_apply_rng(hk.transform(fn))

@@ -82,9 +82,16 @@ def expert_ffn(
     w_out: Float[Array, "f d"],
 ) -> Float[Array, "n d"]:
     """One expert: gelu(x @ W_linear) * (x @ W_linear_v) in f32, then an f32 matmul with W_linear_1."""
-    hidden = jax.nn.gelu((x @ w_in).astype(jnp.float32), approximate=True)
-    gated = hidden * (x @ w_gate).astype(jnp.float32)
+    hidden = jax.nn.gelu(_f32_rounded_as(x @ w_in, x.dtype), approximate=True)
+    gated = hidden * _f32_rounded_as(x @ w_gate, x.dtype)
     return gated @ w_out.astype(jnp.float32)
+
+
+def _f32_rounded_as(y: Float[Array, "..."], dtype) -> Float[Array, "..."]:
+    """y as float32 holding `dtype` values. A plain `astype` would let XLA fuse the upcast into the
+    matmul and skip the bf16 rounding of its output that the released model has."""
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(y.astype(jnp.float32), exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def moe_all_experts(

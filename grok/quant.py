@@ -35,13 +35,14 @@ class QuantizedWeight8bit:
 
 def dequantize(w: QuantizedWeight8bit, dtype=jnp.bfloat16) -> Shaped[Array, "*e n_in n_out"]:
     """`dtype(weight) * dtype(scales)`, each row block of the input axis with its own scales."""
-    *lead, n_in, n_out = w.weight.shape
+    n_in = w.weight.shape[-2]
     blocks = w.scales.shape[-2]
     if n_in % blocks:
         raise ValueError(f"input size {n_in} is not divisible into {blocks} scale blocks")
-    weight = w.weight.astype(dtype).reshape(*lead, blocks, n_in // blocks, n_out)
-    scales = w.scales.astype(dtype)[..., :, None, :]
-    return (weight * scales).reshape(*lead, n_in, n_out)
+    # Repeat each block's scales over its rows rather than reshaping the weight into blocks: the
+    # weight keeps its layout, so a weight split over any number of devices dequantizes in place.
+    scales = jnp.repeat(w.scales.astype(dtype), n_in // blocks, axis=-2, total_repeat_length=n_in)
+    return w.weight.astype(dtype) * scales
 
 
 def quantize(value: np.ndarray, blocks: int = 1) -> QuantizedWeight8bit:

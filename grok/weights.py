@@ -76,21 +76,29 @@ def unstack_layers(params: Params, num_layers: int) -> Params:
     return out
 
 
-def stack_layers(params: Params, num_layers: int, stack=np.stack) -> Params:
+def model_path(checkpoint_path: str) -> tuple[str, int | None]:
+    """Checkpoint path -> (model path, layer index); the index is None outside the decoder layers."""
+    match = _PER_LAYER.match(checkpoint_path)
+    if match is None:
+        return checkpoint_path, None
+    return _STACKED + match.group(2), int(match.group(1))
+
+
+def stack_layers(params: Params, num_layers: int) -> Params:
     """Checkpoint tree -> model tree: stack `decoder_layer_{i}` entries along a new leading axis."""
     out: Params = {}
     per_layer: dict[str, list] = {}
     for path, leaves in params.items():
-        match = _PER_LAYER.match(path)
-        if match is None:
+        stacked, layer = model_path(path)
+        if layer is None:
             out[path] = leaves
         else:
-            per_layer.setdefault(match.group(2), [None] * num_layers)[int(match.group(1))] = leaves
-    for sub_path, layers in per_layer.items():
+            per_layer.setdefault(stacked, [None] * num_layers)[layer] = leaves
+    for stacked, layers in per_layer.items():
         missing = [i for i, leaves in enumerate(layers) if leaves is None]
         if missing:
-            raise ValueError(f"checkpoint has no transformer/decoder_layer_{missing[0]}/{sub_path}")
-        out[_STACKED + sub_path] = jax.tree.map(lambda *xs: stack(xs), *layers)
+            raise ValueError(f"checkpoint has no layer {missing[0]} entry for {stacked}")
+        out[stacked] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
     return out
 
 

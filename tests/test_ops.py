@@ -349,13 +349,14 @@ def test_expert_ffn_bf16_matmuls_then_f32():
     w_in, w_gate = bf16(rng.standard_normal((16, 8))), bf16(rng.standard_normal((16, 8)))
     w_out = bf16(rng.standard_normal((8, 16)))
     args = [jnp.asarray(a, jnp.bfloat16) for a in (x, w_in, w_gate, w_out)]
-    # Eager: under jit, XLA on CPU may keep the bf16 matmul output in f32 (GROK1.md notes this).
-    got = np.asarray(ops.expert_ffn(*args))
-    assert got.dtype == np.float32
     h = bf16(x.astype(np.float64) @ w_in).astype(np.float64)
     g = bf16(x.astype(np.float64) @ w_gate).astype(np.float64)
     expected = (gelu_tanh(h) * g) @ w_out
-    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-4)
+    # Both eager and under jit, where XLA on CPU would otherwise fuse the upcast into the matmul.
+    for fn in (ops.expert_ffn, jax.jit(ops.expert_ffn)):
+        got = np.asarray(fn(*args))
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-4)
 
 
 def _moe_weights(rng, e, d, f):
