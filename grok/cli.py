@@ -8,15 +8,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+import jax
+
+from grok import distributed
 from grok.api import Grok, SamplingParams
 from grok.checkpoint import CheckpointError
 from grok.demo import DEMO_CONFIG, write_demo_checkpoint
+from grok.sharding import Sharder, load_rules, make_mesh, parse_mesh
 from grok.tokenizer import ByteTokenizer
 
 log = logging.getLogger("grok")
 
 DEFAULT_CHECKPOINT = Path("checkpoints/ckpt-0")
 DEFAULT_TOKENIZER = Path("checkpoints/tokenizer.model")
+DEFAULT_RULES = "tensor_parallel"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,20 +30,72 @@ def build_parser() -> argparse.ArgumentParser:
         description="Grok-1 inference. With no checkpoint present, runs a small random-weight demo.",
     )
     commands = parser.add_subparsers(dest="command")
-    gen = commands.add_parser("generate", help="sample a continuation of a prompt (the default command)")
+    gen = commands.add_parser(
+        "generate",
+        help="sample a continuation of a prompt (the default command)",
+        description="Sample a continuation of a prompt. On many hosts, run the same command on each "
+        "with --coordinator, --num-processes and its own --process-id; only process 0 prints.",
+    )
     gen.add_argument(
         "--checkpoint",
         type=Path,
         help=f"release checkpoint directory (default: {DEFAULT_CHECKPOINT} if present, else the demo)",
     )
-    gen.add_argument("--tokenizer", type=Path, help=f"SentencePiece model (default: {DEFAULT_TOKENIZER})")
+    gen.add_argument(
+        "--tokenizer",
+        type=Path,
+        help=f"SentencePiece model (default: {DEFAULT_TOKENIZER}; with --prompt-ids, none unless given)",
+    )
     gen.add_argument("--config", default="grok-1", help="preset name or JSON config file (default: grok-1)")
-    gen.add_argument("--prompt", default="The answer to life the universe and everything is of course")
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument(
+        "--prompt",
+        default="The answer to life the universe and everything is of course",
+        help="the prompt text (default: a line from the reference runner)",
+    )
+    prompt.add_argument(
+        "--prompt-ids",
+        metavar="IDS",
+        help="the prompt as comma-separated token ids, e.g. 5,6,7 (instead of --prompt; needs no tokenizer)",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     gen.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default: 0.7)")
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)")
     gen.add_argument("--top-k", type=int, default=0, help="keep only the k likeliest tokens; 0 = off")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+
+    shard = gen.add_argument_group(
+        "sharding",
+        "A checkpoint is sharded over a (data, model) mesh of every device of every process. The demo "
+        "runs on one device unless --mesh or --rules is given.",
+    )
+    shard.add_argument(
+        "--mesh",
+        metavar="data=N,model=M",
+        help="mesh shape; N*M must be the total device count (default: data=1, model=all devices)",
+    )
+    shard.add_argument(
+        "--rules",
+        metavar="NAME_OR_PATH",
+        help=f"partition rules: a shipped name (tensor_parallel, expert_parallel, replicated) or a .toml "
+        f"file (default: {DEFAULT_RULES})",
+    )
+
+    multi = gen.add_argument_group(
+        "many processes",
+        f"Each flag falls back to an environment variable ({distributed.ENV_COORDINATOR}, "
+        f"{distributed.ENV_NUM_PROCESSES}, {distributed.ENV_PROCESS_ID}); without a coordinator this is "
+        "a single process.",
+    )
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
+    multi.add_argument("--num-processes", type=int, metavar="N", help="number of processes taking part")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1")
+    multi.add_argument(
+        "--cpu-devices",
+        type=int,
+        metavar="N",
+        help="development: run on N virtual CPU devices per process (selects the CPU platform)",
+    )
     gen.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
@@ -51,34 +108,60 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return generate(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, FileNotFoundError, ValueError) as err:  # ShardingError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 5,6,7") from None
+    return ids
+
+
 def generate(args: argparse.Namespace) -> int:
+    # Everything that needs no devices is checked first, so bad flags fail before anything slow.
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    prompt = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
+    mesh_shape = parse_mesh(args.mesh) if args.mesh is not None else {}
     checkpoint = args.checkpoint
     if checkpoint is None and DEFAULT_CHECKPOINT.is_dir():
         checkpoint = DEFAULT_CHECKPOINT
+    sharded = checkpoint is not None or args.mesh is not None or args.rules is not None
+    rules = load_rules(args.rules or DEFAULT_RULES) if sharded else None
+    try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
+    except RuntimeError as err:
+        raise ValueError(f"could not start the distributed run: {str(err).strip().splitlines()[0]}") from None
+    # Only from here on may JAX touch devices.
+    lead = jax.process_index() == 0
+    if not lead:
+        logging.getLogger().setLevel(logging.WARNING)
+    sharder = Sharder(rules, make_mesh(**mesh_shape)) if rules is not None else None
+    if sharder is not None:
+        log.info("mesh %s, %d process(es), rules %s", dict(sharder.mesh.shape), jax.process_count(), rules.source)
     if checkpoint is None:
         with tempfile.TemporaryDirectory() as tmp:
-            print(
-                f"No checkpoint given and none at {DEFAULT_CHECKPOINT}: running the built-in demo, a small "
-                "Grok-shaped model with RANDOM weights (its output is meaningless) and a byte-level tokenizer."
-            )
+            if lead:
+                print(
+                    f"No checkpoint given and none at {DEFAULT_CHECKPOINT}: running the built-in demo, a small "
+                    "Grok-shaped model with RANDOM weights (its output is meaningless) and a byte-level tokenizer."
+                )
             directory = write_demo_checkpoint(Path(tmp) / "ckpt-0")
-            model = Grok.from_checkpoint(directory, DEMO_CONFIG, ByteTokenizer())
-        return _print_generation(model, args, sampling)
-    tokenizer = args.tokenizer or DEFAULT_TOKENIZER
-    log.info("loading %s with config %s", checkpoint, args.config)
-    model = Grok.from_checkpoint(checkpoint, args.config, tokenizer)
-    return _print_generation(model, args, sampling)
-
-
-def _print_generation(model: Grok, args: argparse.Namespace, sampling: SamplingParams) -> int:
-    result = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)
-    print(f"Prompt: {args.prompt}")
-    print(f"Output: {result.text}")
-    print(f"({len(result.token_ids)} tokens, finished by {result.finish_reason})")
+            model = Grok.from_checkpoint(directory, DEMO_CONFIG, ByteTokenizer(), sharder, progress=lead)
+    else:
+        tokenizer = args.tokenizer
+        if tokenizer is None and args.prompt_ids is None:
+            tokenizer = DEFAULT_TOKENIZER
+        log.info("loading %s with config %s", checkpoint, args.config)
+        model = Grok.from_checkpoint(checkpoint, args.config, tokenizer, sharder, progress=lead)
+    result = model.generate(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    if lead:
+        print(f"Prompt: {args.prompt}" if args.prompt_ids is None else f"Prompt ids: {prompt}")
+        if result.text is not None:
+            print(f"Output: {result.text}")
+        print(f"Token ids: {result.token_ids}")
+        print(f"({len(result.token_ids)} tokens, finished by {result.finish_reason})")
     return 0

@@ -124,6 +124,10 @@ PRESETS: dict[str, GrokConfig] = {
         emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2, num_layers=2, vocab_size=256,
         num_experts=4, sequence_len=64,
     ),
+    # Tiny model whose heads, experts and widths all divide by 8: for sharding tests on 8 devices.
+    "shard": _small(
+        emb_size=64, key_size=8, num_q_heads=8, num_kv_heads=8, num_layers=2, vocab_size=256, sequence_len=64,
+    ),
 }
 
 

@@ -185,6 +185,12 @@ class Sharder:
     def _param_sharding(self, rule: Rule, full: str, leaf):
         what = f"rule {rule.pattern!r} for parameter {full}"
         stacked = full.startswith(_STACKED_LAYERS)
+        shape = tuple(leaf.shape)[1:] if stacked else tuple(leaf.shape)
+        if len(rule.spec) and len(rule.spec) != len(shape):
+            raise ShardingError(
+                f"{self.rules.source}: {what}: spec has {len(rule.spec)} entries, the weight has {len(shape)} "
+                f"dimensions (shape {shape} per layer)"
+            )
         spec = PartitionSpec(None, *rule.spec) if stacked and len(rule.spec) else rule.spec
         if not isinstance(leaf, QuantizedWeight8bit):
             return self._named(spec, tuple(leaf.shape), what)
