@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to choose tokens: temperature 0 is greedy; top_k 0 and top_p 1 disable those limits."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
 def sample(

@@ -155,12 +155,10 @@ class Sharder:
                 f"shape {shape}"
             )
         for size, axes in zip(shape, spec):
-            names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-            split = int(np.prod([self.mesh.shape[a] for a in names]))
-            if size % split:
+            if size % self._split(axes):
                 raise ShardingError(
                     f"{self.rules.source}: {what}: dimension of size {size} of shape {shape} cannot be split "
-                    f"{split} ways over {names} (mesh {dict(self.mesh.shape)})"
+                    f"{self._split(axes)} ways over {axes} (mesh {dict(self.mesh.shape)})"
                 )
         return NamedSharding(self.mesh, spec)
 
@@ -201,13 +199,24 @@ class Sharder:
         # (one block per shard group), else keep every block on every device (they are small).
         *lead, rows, cols = spec
         blocks = leaf.scales.shape[-2]
-        names = rows if isinstance(rows, tuple) else (rows,) if rows else ()
-        split = int(np.prod([self.mesh.shape[a] for a in names]))
-        scales_spec = PartitionSpec(*lead, rows if blocks % split == 0 and blocks > 1 else None, cols)
+        scales_spec = PartitionSpec(*lead, rows if blocks % self._split(rows) == 0 and blocks > 1 else None, cols)
         return QuantizedWeight8bit(weight=weight, scales=self._named(scales_spec, tuple(leaf.scales.shape), what))
 
     def activation(self, name: str, shape: tuple[int, ...]) -> NamedSharding:
-        return self._named(self.rules.activations[name], shape, f"activation {name!r}")
+        """The named activation's sharding for `shape`.
+
+        Its leading (batch) dimension stays whole when it does not divide over its axes (a single
+        sequence being prefilled on a mesh with data > 1); every other dimension must divide.
+        """
+        spec = self.rules.activations[name]
+        if len(spec) and shape and shape[0] % self._split(spec[0]):
+            spec = PartitionSpec(None, *spec[1:])
+        return self._named(spec, shape, f"activation {name!r}")
+
+    def _split(self, axes) -> int:
+        """How many ways a spec entry splits its dimension."""
+        names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+        return int(np.prod([self.mesh.shape[a] for a in names]))
 
     def constrain(self, x: jax.Array, name: str) -> jax.Array:
         """Pin an activation to its rule's sharding (inside jit)."""

@@ -96,7 +96,7 @@ def test_context_limit_truncates_generation(grok):
         ([5, CONFIG.vocab_size], {}, "token id 256 is outside the vocabulary"),
         ([], {}, "prompt is empty"),
         ("text", {}, "no tokenizer"),
-        ([5], {"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ([5], {"max_new_tokens": 0}, "max_tokens must be >= 1"),
     ],
 )
 def test_bad_requests_are_named(grok, prompt, kwargs, message):

@@ -50,12 +50,12 @@ pytestmark = pytest.mark.skipif(
 #                     bf16 scales [1, 6144] = 6144 * 2           =        12_288
 #   attention key     int8 [6144, 1024] = 6144 * 1024           =     6_291_456
 #                     bf16 scales [1, 1024] = 1024 * 2           =         2_048
-#   attention value   (as key)                                   =     6_293_504
+#   attention value   (as key: weight + scales)                  =     6_293_504
 #   attention linear  int8 [6144, 6144]                          =    37_748_736
 #                     bf16 scales [8, 6144] = 8 * 6144 * 2       =        98_304
 #   moe linear        int8 [8, 6144, 32768] = 8 * 6144 * 32768  = 1_610_612_736
 #                     bf16 scales [8, 1, 32768] = 8 * 32768 * 2  =       524_288
-#   moe linear_v      (as moe linear)                            = 1_611_137_024
+#   moe linear_v      (as moe linear: weight + scales)           = 1_611_137_024
 #   moe linear_1      int8 [8, 32768, 6144]                      = 1_610_612_736
 #                     bf16 scales [8, 8, 6144] = 64 * 6144 * 2   =       786_432
 #   rms_norm, _1, _2, _3  fp32 [6144] each = 4 * 6144 * 4        =        98_304
@@ -73,13 +73,13 @@ FULL_MODEL_BYTES = 318_239_694_848
 #          scales [1, 6144] columns split          -> [1, 768] = 768 * 2           =       1_536
 #   key    int8 [6144, 1024] columns split         -> [6144, 128] = 6144 * 128     =     786_432
 #          scales [1, 1024] columns split          -> [1, 128] = 128 * 2           =         256
-#   value  (as key)                                                                 =     786_688
+#   value  (as key: weight + scales)                                                =     786_688
 #   linear int8 [6144, 6144] rows split            -> [768, 6144] = 768 * 6144     =   4_718_592
 #          scales [8, 6144]: the 8 row blocks split with the rows -> [1, 6144] * 2 =      12_288
 #          (attention: 11_010_048 int8 + 14_336 scales = 11_024_384)
 #   moe linear   int8 [8, 6144, 32768] F split     -> [8, 6144, 4096] = 201_326_592
 #                scales [8, 1, 32768] F split      -> [8, 1, 4096] = 8 * 4096 * 2  =      65_536
-#   moe linear_v (as moe linear)                                                    = 201_392_128
+#   moe linear_v (as moe linear: weight + scales)                                   = 201_392_128
 #   moe linear_1 int8 [8, 32768, 6144] F split     -> [8, 4096, 6144] = 201_326_592
 #                scales [8, 8, 6144]: blocks split -> [8, 1, 6144] = 8 * 6144 * 2  =      98_304
 #          (moe: 603_979_776 int8 + 229_376 scales = 604_209_152)
@@ -95,7 +95,7 @@ TP_DEVICE_BYTES = 39_796_498_432
 # (11_024_384 per layer). Experts are split on E, one whole expert per device:
 #   moe linear   int8 [8, 6144, 32768] -> [1, 6144, 32768] = 201_326_592
 #                scales [8, 1, 32768] -> [1, 1, 32768] = 32768 * 2 = 65_536
-#   moe linear_v (as moe linear)
+#   moe linear_v (as moe linear: 201_326_592 + 65_536)
 #   moe linear_1 int8 [8, 32768, 6144] -> [1, 32768, 6144] = 201_326_592
 #                scales [8, 8, 6144] -> [1, 8, 6144] (row blocks not split) = 8 * 6144 * 2 = 98_304
 #   norms and router replicated = 294_912
@@ -331,6 +331,7 @@ def test_model_shapes_add_up_to_the_released_size():
         ("expert_parallel", EP_LAYER_BYTES, EP_DEVICE_BYTES),
         ("replicated", FULL_LAYER_BYTES, FULL_MODEL_BYTES),
     ],
+    ids=["tensor_parallel", "expert_parallel", "replicated"],
 )
 def test_parameter_bytes_per_device(rules, layer_bytes, device_bytes):
     shapes = grok1_shapes()
@@ -376,7 +377,11 @@ def test_full_context_kv_cache_bytes_per_device():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rules, expected_params", [("tensor_parallel", TP_DEVICE_BYTES), ("expert_parallel", EP_DEVICE_BYTES)])
+@pytest.mark.parametrize(
+    "rules, expected_params",
+    [("tensor_parallel", TP_DEVICE_BYTES), ("expert_parallel", EP_DEVICE_BYTES)],
+    ids=["tensor_parallel", "expert_parallel"],
+)
 def test_grok1_decode_step_compiles(rules, expected_params):
     compiled, _, memory = compiled_decode(rules, GROK1.num_layers)
 

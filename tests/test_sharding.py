@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 from grok import PRESETS, model, weights
 from grok.loader import place_params
@@ -154,10 +155,14 @@ def test_rule_errors_name_file_rule_and_parameter(tmp_path, params, activations,
     assert path in str(err.value)
 
 
-def test_activation_that_does_not_divide_is_named(host_params):
+def test_activation_errors_and_the_batch_of_one(host_params):
     sharder, _ = sharded("tensor_parallel", 8, 1, host_params)
-    with pytest.raises(ShardingError, match=r"activation 'tokens': dimension of size 1 .* cannot be split 8 ways"):
-        sharder.put(np.zeros((1, 4), np.int32), "tokens")
+    # A single sequence (prefill) keeps its batch axis whole; eight are split over `data`.
+    assert sharder.put(np.zeros((1, 4), np.int32), "tokens").sharding.spec == PartitionSpec(None, None)
+    assert sharder.put(np.zeros((8, 4), np.int32), "tokens").sharding.spec == PartitionSpec("data", None)
+    sharder, _ = sharded("tensor_parallel", 1, 8, host_params)
+    with pytest.raises(ShardingError, match=r"activation 'heads': dimension of size 4 .* cannot be split 8 ways"):
+        sharder.activation("heads", (1, 3, 4, 8))
 
 
 def test_unknown_rules_and_bad_meshes():
