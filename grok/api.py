@@ -67,6 +67,7 @@ class Grok:
         if isinstance(tokenizer, (str, Path)):
             tokenizer = SentencePieceTokenizer(tokenizer)
         sharder = sharder or Sharder(load_rules("replicated"), make_mesh(1, 1, jax.devices()[:1]))
+        sharder.check_activations(config)
         params = load_sharded(directory, config, sharder, progress=progress)
         return cls(config, params, tokenizer, sharder)
 

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard = gen.add_argument_group(
         "sharding",
         "A checkpoint is sharded over a (data, model) mesh of every device of every process. The demo "
-        "runs on one device unless --mesh or --rules is given.",
+        "runs on one device unless --mesh or --rules is given (or, with many processes, is replicated).",
     )
     shard.add_argument(
         "--mesh",
@@ -139,6 +139,10 @@ def generate(args: argparse.Namespace) -> int:
     lead = jax.process_index() == 0
     if not lead:
         logging.getLogger().setLevel(logging.WARNING)
+    if rules is None and jax.process_count() > 1:
+        # The demo's single-device path would leave the other processes without a device to run on;
+        # its 2 key/value heads do not split over most meshes, so keep the whole model on every device.
+        rules = load_rules("replicated")
     sharder = Sharder(rules, make_mesh(**mesh_shape)) if rules is not None else None
     if sharder is not None:
         log.info("mesh %s, %d process(es), rules %s", dict(sharder.mesh.shape), jax.process_count(), rules.source)

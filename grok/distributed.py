@@ -92,8 +92,8 @@ def initialize(
 
     if local_device_count is not None:
         try:
-            jax.config.update("jax_platforms", "cpu")
             jax.config.update("jax_num_cpu_devices", local_device_count)
+            jax.config.update("jax_platforms", "cpu")
         except RuntimeError:
             raise RuntimeError(
                 "--cpu-devices must take effect before JAX starts its backends, but JAX devices are already in use"

@@ -213,6 +213,19 @@ class Sharder:
             spec = PartitionSpec(None, *spec[1:])
         return self._named(spec, shape, f"activation {name!r}")
 
+    def check_activations(self, config) -> None:
+        """Fail early (before loading weights) if a named activation of `config` cannot be laid out."""
+        c = config
+        shapes = {
+            "residual": (1, 1, c.emb_size),
+            "heads": (1, 1, c.num_kv_heads, c.key_size),
+            "kv_cache": (1, 1, c.num_kv_heads, c.key_size),
+            "logits": (1, 1, c.vocab_size),
+        }
+        self.activation("heads", (1, 1, c.num_q_heads, c.key_size))
+        for name, shape in shapes.items():
+            self.activation(name, shape)
+
     def _split(self, axes) -> int:
         """How many ways a spec entry splits its dimension."""
         names = axes if isinstance(axes, tuple) else (axes,) if axes else ()

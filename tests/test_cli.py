@@ -15,12 +15,16 @@ TOKENIZER = ROOT.parent / "shared" / "grok-1" / "tokenizer.model"
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    """A tiny model (with the real vocabulary size) in release format, and its JSON config."""
+    """A tiny model (with the real vocabulary size) in release format, and its JSON config.
+
+    A checkpoint is sharded by default (tensor_parallel over all 8 test devices), so every head
+    count and width divides by 8: the "shard" preset.
+    """
     from grok.config import PRESETS
 
     if not TOKENIZER.is_file():
         pytest.skip("needs ../shared/grok-1/tokenizer.model")
-    config = PRESETS["tiny"].replace(vocab_size=131072)
+    config = PRESETS["shard"].replace(vocab_size=131072)
     path = tmp_path / "tiny.json"
     path.write_text(config.to_json())
     return write_demo_checkpoint(tmp_path / "ckpt-0", config), path
@@ -34,7 +38,7 @@ def test_demo_runs_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "RANDOM weights" in result.stdout
-    assert "Output:" in result.stdout and "8 tokens" in result.stdout
+    assert "Output:" in result.stdout and "8 tokens" in result.stdout and "Token ids: [" in result.stdout
 
 
 def test_cli_generates_from_a_checkpoint_with_a_json_config(tiny_checkpoint, capsys):

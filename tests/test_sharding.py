@@ -163,6 +163,9 @@ def test_activation_errors_and_the_batch_of_one(host_params):
     sharder, _ = sharded("tensor_parallel", 1, 8, host_params)
     with pytest.raises(ShardingError, match=r"activation 'heads': dimension of size 4 .* cannot be split 8 ways"):
         sharder.activation("heads", (1, 3, 4, 8))
+    with pytest.raises(ShardingError, match=re.escape("activation 'heads': dimension of size 4 of shape (1, 1, 4, 16)")):
+        sharder.check_activations(PRESETS["tiny"])  # 4 query heads cannot split over model=8
+    sharder.check_activations(CONFIG)
 
 
 def test_unknown_rules_and_bad_meshes():
