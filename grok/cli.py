@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import runpy
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +15,8 @@ import jax
 from grok import distributed
 from grok.api import Grok, SamplingParams
 from grok.checkpoint import CheckpointError
+from grok.config import load_config
+from grok.engine import Engine
 from grok.demo import DEMO_CONFIG, write_demo_checkpoint
 from grok.sharding import Sharder, load_rules, make_mesh, parse_mesh
 from grok.tokenizer import ByteTokenizer
@@ -27,26 +31,18 @@ DEFAULT_RULES = "tensor_parallel"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py",
-        description="Grok-1 inference. With no checkpoint present, runs a small random-weight demo.",
+        description="Grok-1 inference. With no command, `generate`; with no checkpoint present, a random-weight demo.",
     )
     commands = parser.add_subparsers(dest="command")
+    model_flags = _model_flags()
+
     gen = commands.add_parser(
         "generate",
+        parents=[model_flags],
         help="sample a continuation of a prompt (the default command)",
         description="Sample a continuation of a prompt. On many hosts, run the same command on each "
         "with --coordinator, --num-processes and its own --process-id; only process 0 prints.",
     )
-    gen.add_argument(
-        "--checkpoint",
-        type=Path,
-        help=f"release checkpoint directory (default: {DEFAULT_CHECKPOINT} if present, else the demo)",
-    )
-    gen.add_argument(
-        "--tokenizer",
-        type=Path,
-        help=f"SentencePiece model (default: {DEFAULT_TOKENIZER}; with --prompt-ids, none unless given)",
-    )
-    gen.add_argument("--config", default="grok-1", help="preset name or JSON config file (default: grok-1)")
     prompt = gen.add_mutually_exclusive_group()
     prompt.add_argument(
         "--prompt",
@@ -64,7 +60,70 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="keep only the k likeliest tokens; 0 = off")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
 
-    shard = gen.add_argument_group(
+    srv = commands.add_parser(
+        "serve",
+        parents=[model_flags],
+        help="serve the OpenAI-compatible completions API over HTTP",
+        description="Serve /v1/completions, /v1/models, /health and /metrics; all requests share one "
+        "continuously batched engine.",
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument("--model-name", default="grok-1", help="the model id clients ask for (default: grok-1)")
+    srv.add_argument(
+        "--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: $GROK_API_KEY if set, else none)"
+    )
+    srv.add_argument("--max-batch", type=int, default=8, help="concurrent sequences (KV-cache slots; default: 8)")
+    srv.add_argument("--cache-len", type=int, help="KV-cache positions per slot (default: the config's sequence_len)")
+    srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429 (default: 64)")
+
+    dl = commands.add_parser(
+        "download",
+        help="fetch ckpt-0/ and tokenizer.model from the Hugging Face Hub, then verify them",
+        description="Download (resumably) the release checkpoint and tokenizer, then check every tensor file.",
+    )
+    dl.add_argument("--repo", default="xai-org/grok-1", help="Hub repository (default: xai-org/grok-1)")
+    dl.add_argument("--local-dir", type=Path, default=Path("checkpoints"), help="destination (default: checkpoints)")
+    dl.add_argument("--revision", help="branch, tag or commit (default: main)")
+    dl.add_argument("--endpoint", help="Hub URL (default: $HF_ENDPOINT, else huggingface.co)")
+    dl.add_argument("--config", default="grok-1", help="config to verify the files against (default: grok-1)")
+    dl.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+
+    conv = commands.add_parser(
+        "convert",
+        help="convert a pickle checkpoint to safetensors (loads faster, no unpickling, per-shard reads)",
+        description="Stream a release checkpoint tensor by tensor into safetensors files; rerun to resume.",
+    )
+    conv.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help=f"source (default: {DEFAULT_CHECKPOINT})")
+    conv.add_argument("--output", type=Path, required=True, help="destination directory")
+    conv.add_argument("--config", default="grok-1", help="preset name or JSON config file (default: grok-1)")
+    conv.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+
+    bench = commands.add_parser(
+        "bench",
+        help="run the engine benchmark (bench/bench_engine.py; pass its flags after `bench`)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="flags for bench/bench_engine.py (try --help)")
+    bench.set_defaults(verbose=False)
+    return parser
+
+
+def _model_flags() -> argparse.ArgumentParser:
+    """Flags shared by the commands that load a model: checkpoint, config, sharding, processes."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument(
+        "--checkpoint",
+        type=Path,
+        help=f"release checkpoint directory (default: {DEFAULT_CHECKPOINT} if present, else the demo)",
+    )
+    flags.add_argument(
+        "--tokenizer",
+        type=Path,
+        help=f"SentencePiece model (default: {DEFAULT_TOKENIZER}; with --prompt-ids, none unless given)",
+    )
+    flags.add_argument("--config", default="grok-1", help="preset name or JSON config file (default: grok-1)")
+    shard = flags.add_argument_group(
         "sharding",
         "A checkpoint is sharded over a (data, model) mesh of every device of every process. The demo "
         "runs on one device unless --mesh or --rules is given (or, with many processes, is replicated).",
@@ -80,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"partition rules: a shipped name (tensor_parallel, expert_parallel, replicated) or a .toml "
         f"file (default: {DEFAULT_RULES})",
     )
-
-    multi = gen.add_argument_group(
+    multi = flags.add_argument_group(
         "many processes",
         f"Each flag falls back to an environment variable ({distributed.ENV_COORDINATOR}, "
         f"{distributed.ENV_NUM_PROCESSES}, {distributed.ENV_PROCESS_ID}); without a coordinator this is "
@@ -96,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="development: run on N virtual CPU devices per process (selects the CPU platform)",
     )
-    gen.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    return parser
+    flags.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "generate")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    commands = {"generate": generate, "serve": serve, "download": download, "convert": convert, "bench": bench}
     try:
-        return generate(args)
+        return commands[args.command](args)
     except (CheckpointError, FileNotFoundError, ValueError) as err:  # ShardingError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -121,10 +180,8 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def generate(args: argparse.Namespace) -> int:
-    # Everything that needs no devices is checked first, so bad flags fail before anything slow.
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    prompt = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
+def _load_model(args: argparse.Namespace, prompt_ids_given: bool = False) -> Grok:
+    """The model the flags describe: a checkpoint (sharded) or the demo, after starting jax.distributed."""
     mesh_shape = parse_mesh(args.mesh) if args.mesh is not None else {}
     checkpoint = args.checkpoint
     if checkpoint is None and DEFAULT_CHECKPOINT.is_dir():
@@ -154,13 +211,24 @@ def generate(args: argparse.Namespace) -> int:
                     "Grok-shaped model with RANDOM weights (its output is meaningless) and a byte-level tokenizer."
                 )
             directory = write_demo_checkpoint(Path(tmp) / "ckpt-0")
-            model = Grok.from_checkpoint(directory, DEMO_CONFIG, ByteTokenizer(), sharder, progress=lead)
-    else:
-        tokenizer = args.tokenizer
-        if tokenizer is None and args.prompt_ids is None:
-            tokenizer = DEFAULT_TOKENIZER
-        log.info("loading %s with config %s", checkpoint, args.config)
-        model = Grok.from_checkpoint(checkpoint, args.config, tokenizer, sharder, progress=lead)
+            return Grok.from_checkpoint(directory, DEMO_CONFIG, ByteTokenizer(), sharder, progress=lead)
+    tokenizer = args.tokenizer
+    if tokenizer is None and not prompt_ids_given:
+        tokenizer = DEFAULT_TOKENIZER
+    log.info("loading %s with config %s", checkpoint, args.config)
+    return Grok.from_checkpoint(checkpoint, args.config, tokenizer, sharder, progress=lead)
+
+
+def generate(args: argparse.Namespace) -> int:
+    # Everything that needs no devices is checked first, so bad flags fail before anything slow.
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    prompt = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
+    if args.mesh is not None:
+        parse_mesh(args.mesh)
+    if args.rules is not None:
+        load_rules(args.rules)
+    model = _load_model(args, prompt_ids_given=args.prompt_ids is not None)
+    lead = jax.process_index() == 0
     result = model.generate(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)
     if lead:
         print(f"Prompt: {args.prompt}" if args.prompt_ids is None else f"Prompt ids: {prompt}")
@@ -168,4 +236,45 @@ def generate(args: argparse.Namespace) -> int:
             print(f"Output: {result.text}")
         print(f"Token ids: {result.token_ids}")
         print(f"({len(result.token_ids)} tokens, finished by {result.finish_reason})")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from grok import server  # the HTTP stack is only imported when serving
+
+    if args.mesh is not None:
+        parse_mesh(args.mesh)
+    model = _load_model(args)
+    engine = Engine(model, max_batch=args.max_batch, cache_len=args.cache_len)
+    api_key = args.api_key or os.environ.get(server.API_KEY_ENV)
+    log.info("serving %s on http://%s:%d (API key %s)", args.model_name, args.host, args.port,
+             "required" if api_key else "not required")
+    server.serve(engine, args.host, args.port, args.model_name, api_key, args.max_queue)
+    return 0
+
+
+def download(args: argparse.Namespace) -> int:
+    from grok import hub
+
+    config = load_config(args.config)
+    directory = hub.download(args.repo, args.local_dir, args.revision, args.endpoint)
+    hub.verify_download(args.local_dir, config)
+    print(f"Complete checkpoint in {directory}, tokenizer in {args.local_dir / 'tokenizer.model'}")
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from grok.convert import convert as convert_checkpoint
+
+    output = convert_checkpoint(args.checkpoint, args.output, load_config(args.config))
+    print(f"Converted {args.checkpoint} to safetensors in {output}")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_engine.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"benchmark script {script} not found (it ships with the repository)")
+    sys.argv = [str(script), *args.bench_args]
+    runpy.run_path(str(script), run_name="__main__")
     return 0

@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 import queue
 import threading
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,8 @@ from grok.sampling import SamplingParams, sample
 
 if TYPE_CHECKING:
     from grok.api import Grok
+
+logger = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 8  # alternatives reported per token, at most (the reference reports 8)
 
@@ -61,7 +64,7 @@ class TokenEvent:
     text: str  # text this token made final (held back while it might start a stop string)
     logprob: float  # log-probability of this token under the model (before temperature)
     top_logprobs: tuple[tuple[int, float], ...]  # the `logprobs` likeliest tokens and theirs
-    finish_reason: str | None  # on the last event: "eos", "stop", "length", "context" or "cancelled"
+    finish_reason: str | None  # on the last event: "eos", "stop", "length", "context", "cancelled" or "error"
 
 
 class Stream:
@@ -72,8 +75,15 @@ class Stream:
         self.prompt_ids = prompt_ids
         self._engine = engine
         self._events: queue.Queue[TokenEvent] = queue.Queue()
+        self._wakers: list[Callable[[], None]] = []  # one per `async for` waiting on this stream
         self.cancelled = False
         self.done = False
+
+    def _put(self, event: TokenEvent) -> None:
+        """Called by the engine: queue an event and wake any async reader."""
+        self._events.put(event)
+        for wake in list(self._wakers):
+            wake()
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -88,11 +98,26 @@ class Stream:
                 return
 
     async def __aiter__(self):
-        while True:
-            event = await asyncio.to_thread(self._events.get)
-            yield event
-            if event.finish_reason is not None:
-                return
+        """Waits on the event loop itself (no thread per waiting stream)."""
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(ready.set)
+
+        self._wakers.append(wake)
+        try:
+            while True:
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    await ready.wait()
+                    ready.clear()  # then look again: an event put before the clear is in the queue
+                    continue
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self._wakers.remove(wake)
 
     def result(self) -> Generation:
         """Wait for the whole generation."""
@@ -122,7 +147,9 @@ class Engine:
             raise ValueError(f"cache_len must be in 1..{config.sequence_len}, got {cache_len}")
         self.prefill_chunk = min(prefill_chunk, self.cache_len)
         self.running = False
+        self.error: BaseException | None = None  # what stopped the background loop, if it failed
         self._pending: queue.Queue[Stream] = queue.Queue()
+        self._wake = threading.Event()  # set by `submit`: the background loop has work
         self._slots: list[_Slot | None] = [None] * max_batch
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -164,8 +191,11 @@ class Engine:
             raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.logprobs}")
         if request.stop and self.grok.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        if not all(isinstance(s, str) and s for s in request.stop):
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {request.stop!r}")
         stream = Stream(self, request, ids)
         self._pending.put(stream)
+        self._wake.set()
         return stream
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
@@ -182,6 +212,7 @@ class Engine:
 
     def stop(self) -> None:
         self.running = False
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -197,12 +228,28 @@ class Engine:
     # ------------------------------------------------------------------ scheduling
 
     def _loop(self) -> None:
-        while self.running:
-            if not self.step():
-                try:  # idle: wait for work instead of spinning
-                    self._pending.put(self._pending.get(timeout=0.05))
+        try:
+            while self.running:
+                self._wake.clear()
+                if not self.step() and self._pending.empty():
+                    self._wake.wait()  # idle until a submit (or stop)
+        except Exception as err:  # a bug, or a device failure: end every request rather than hang them
+            logger.exception("the engine loop failed; ending every request with finish_reason 'error'")
+            self.error, self.running = err, False
+            self._fail_all()
+
+    def _fail_all(self) -> None:
+        with self._lock:
+            for i, slot in enumerate(self._slots):
+                if slot is not None:
+                    self._finish(i, "error")
+            while True:
+                try:
+                    stream = self._pending.get_nowait()
                 except queue.Empty:
-                    pass
+                    break
+                stream.done = True
+                stream._put(TokenEvent(-1, "", 0.0, (), "error"))
 
     def step(self) -> bool:
         """Admit queued requests into free slots, then decode one token for every active slot.
@@ -232,7 +279,7 @@ class Engine:
             except queue.Empty:
                 break
             if stream.cancelled:
-                stream._events.put(TokenEvent(-1, "", 0.0, (), "cancelled"))
+                stream._put(TokenEvent(-1, "", 0.0, (), "cancelled"))
                 continue
             self._start(i, stream)
             admitted = True
@@ -290,7 +337,7 @@ class Engine:
         text, stopped = self._new_text(slot, final=finish is not None)
         if stopped:
             finish = "stop"
-        slot.stream._events.put(TokenEvent(token, text, float(logprob), top, finish))
+        slot.stream._put(TokenEvent(token, text, float(logprob), top, finish))
         if finish is not None:
             self._slots[i] = None
             slot.stream.done = True
@@ -319,7 +366,7 @@ class Engine:
         slot = self._slots[i]
         self._slots[i] = None
         slot.stream.done = True
-        slot.stream._events.put(TokenEvent(-1, "", 0.0, (), reason))
+        slot.stream._put(TokenEvent(-1, "", 0.0, (), reason))
 
     def _replicated(self, x) -> jax.Array:
         return place(np.asarray(x), self.grok.sharder.replicated())

@@ -1,0 +1,687 @@
+"""OpenAI-compatible HTTP server over a shared `Engine` (Starlette on uvicorn).
+
+    from grok.server import serve
+    serve(engine, host="0.0.0.0", port=8000, model_name="grok-1", api_key="sk-...")
+
+Endpoints:
+- `POST /v1/completions`: the legacy completions API. `prompt` is text, token ids, or a list of
+  either (one choice per prompt and per `n`); `max_tokens` (default 16), `temperature` (default 1),
+  `top_p` (default 1), `top_k` (an extension; 0 is off), `seed` (choice i of a prompt samples with
+  `seed + i`; no seed means a random one), `stop` (up to 4 strings), `n`, `logprobs` (0..8,
+  OpenAI's legacy format), `stream` (server-sent events ending in `data: [DONE]`, with a usage
+  chunk when `stream_options.include_usage`). `echo`, `best_of`, `suffix`, penalties and
+  `logit_bias` are accepted only at their neutral values. Unknown fields are refused.
+- `GET /v1/models` (and `/v1/models/{id}`), `GET /health`, `GET /metrics` (Prometheus text).
+
+Every request goes through the one engine (continuous batching); the event loop only waits.
+A client that goes away cancels its streams at once, which frees their batch slots. Bad input is
+answered with a 4xx and an OpenAI-style error naming the field, before anything reaches the
+engine, so it never disturbs other requests. When `engine.queued` plus the new request's choices
+would exceed `max_queue`, the answer is 429 at once (with `Retry-After`).
+
+With an `api_key`, every `/v1/...` request needs `Authorization: Bearer <key>` (else 401).
+`/health` and `/metrics` stay open: load balancers and Prometheus probe them without secrets,
+and they reveal no request content.
+
+`max_tokens` may be at most the engine's `cache_len`; a prompt must leave room for one new token.
+A generation that fills the context ends with finish_reason "length". Bodies over 4 MiB get 413.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import hmac
+import json
+import logging
+import secrets
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from grok.engine import MAX_TOP_LOGPROBS, Engine, Stream, TokenEvent
+from grok.engine import Request as EngineRequest
+from grok.sampling import SamplingParams
+from grok.tokenizer import ByteTokenizer
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "GROK_API_KEY"  # where the CLI reads the key from when `--api-key` is not given
+MAX_BODY_BYTES = 4 << 20
+MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_CHOICES = 64  # prompts x n per request (and never more than max_queue)
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+MAX_TEMPERATURE = 1e4  # far beyond any useful value, well inside float32
+SHUTDOWN_WAIT_S = 10.0  # how long shutdown waits for cancelled streams to end
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """Answered as OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _from_validation(err: ValidationError) -> APIError:
+    """The first pydantic error as a 400 naming its field."""
+    first = err.errors(include_url=False)[0]
+    kind, loc = first["type"], first["loc"]
+    if kind == "json_invalid":
+        return APIError(400, f"The request body is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}")
+    if not loc:
+        return APIError(400, "The request body must be a JSON object")
+    param = str(loc[0])
+    if param == "stream_options" and len(loc) > 1 and isinstance(loc[1], str):
+        param += "." + loc[1]
+    if kind == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param)
+    if kind == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'", param)
+    return APIError(400, f"Invalid value for '{param}': {first['msg']}", param)
+
+
+# ---------------------------------------------------------------------------------- request schema
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # sent by some clients; nothing to obfuscate here
+
+
+class CompletionRequest(BaseModel):
+    """The body of `POST /v1/completions`, validated strictly (no "16" for 16, no true for 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    model: str
+    prompt: Any  # normalized by `_prompts` to a list of texts and token-id lists
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = None
+    stop: Any = Field(None, validate_default=True)  # normalized by `_stop` to a tuple of strings
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # Accepted at their neutral values only (clients such as LangChain always send them).
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, value: Any) -> list[str | list[int]]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and value:
+            if all(_is_token(x) for x in value):
+                return [value]
+            if all(isinstance(x, str) for x in value):
+                return value
+            if all(isinstance(x, list) and all(_is_token(t) for t in x) for x in value):
+                return value
+        raise PydanticCustomError(
+            "prompt", "must be a string, a list of strings, a list of token ids or a list of token-id lists"
+        )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> tuple[str, ...]:
+        stops = [value] if isinstance(value, str) else [] if value is None else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise PydanticCustomError("stop", "must be a string or a list of strings")
+        if len(stops) > MAX_STOP:
+            raise PydanticCustomError("stop", f"at most {MAX_STOP} stop strings are allowed, got {len(stops)}")
+        if "" in stops:
+            raise PydanticCustomError("stop", "stop strings must not be empty")
+        return tuple(stops)
+
+    def unsupported(self) -> APIError | None:
+        """The first option set to something this server does not do."""
+        checks = [
+            ("echo", bool(self.echo), "echo is not supported"),
+            ("best_of", self.best_of not in (None, self.n or 1), "best_of must equal n (or be left out)"),
+            ("suffix", bool(self.suffix), "suffix is not supported"),
+            ("presence_penalty", bool(self.presence_penalty), "presence_penalty is not supported (use 0)"),
+            ("frequency_penalty", bool(self.frequency_penalty), "frequency_penalty is not supported (use 0)"),
+            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
+        ]
+        for param, refused, message in checks:
+            if refused:
+                return APIError(400, message, param)
+        if self.stream_options is not None and not self.stream:
+            return APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+        return None
+
+
+def _is_token(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Prometheus metrics of one app, in their own registry."""
+
+    def __init__(self, engine: Engine):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "grok_requests", "HTTP requests answered, by endpoint and status code", ["endpoint", "status"],
+            registry=registry,
+        )
+        self.prompt_tokens = Counter("grok_prompt_tokens", "Prompt tokens of accepted requests", registry=registry)
+        self.generated_tokens = Counter("grok_generated_tokens", "Completion tokens generated", registry=registry)
+        self.finished = Counter(
+            "grok_choices_finished", "Choices (streams) ended, by engine finish reason", ["reason"], registry=registry
+        )
+        self.cancelled = Counter(
+            "grok_requests_cancelled", "Requests ended early: client disconnected or server shutting down",
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "grok_time_to_first_token_seconds", "From acceptance to the first generated token, per choice",
+            buckets=TTFT_BUCKETS, registry=registry,
+        )
+        Gauge("grok_queue_depth", "Streams waiting for a batch slot", registry=registry).set_function(
+            lambda: engine.queued
+        )
+        Gauge("grok_active_slots", "Batch slots generating", registry=registry).set_function(lambda: engine.active)
+        Gauge("grok_batch_slots", "Batch slots in the engine (max_batch)", registry=registry).set(engine.max_batch)
+        Gauge("grok_batch_occupancy", "Active slots / max_batch", registry=registry).set_function(
+            lambda: engine.active / engine.max_batch
+        )
+
+
+class _CountRequests:
+    """ASGI middleware: counts every HTTP response by endpoint and status (500 if none was sent)."""
+
+    ENDPOINTS = ("/v1/completions", "/v1/models", "/health", "/metrics")
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in self.ENDPOINTS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        status = 500
+
+        async def counting_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+# ---------------------------------------------------------------------------------- serving
+
+
+@dataclasses.dataclass
+class _Choice:
+    """What one stream has produced so far, in the response's terms."""
+
+    index: int
+    logprobs: int | None  # requested alternatives, None for no logprobs
+    text: list[str] = dataclasses.field(default_factory=list)
+    chars: int = 0
+    tokens: list[str] = dataclasses.field(default_factory=list)
+    token_logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    text_offset: list[int] = dataclasses.field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # the engine's
+
+    def add(self, event: TokenEvent, name: Callable[[int], str]) -> dict[str, Any]:
+        """Record an event; returns its delta as a streamed choice."""
+        counted = event.finish_reason not in ("stop", "cancelled")  # as `Stream.result` counts tokens
+        delta = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        if counted:
+            self.completion_tokens += 1
+            if self.logprobs is not None:
+                top = {name(t): lp for t, lp in event.top_logprobs}
+                top.setdefault(name(event.token_id), event.logprob)  # OpenAI always reports the chosen token
+                delta = {
+                    "tokens": [name(event.token_id)], "token_logprobs": [event.logprob], "top_logprobs": [top],
+                    "text_offset": [self.chars],
+                }
+                for key, values in delta.items():
+                    getattr(self, key).extend(values)
+        self.text.append(event.text)
+        self.chars += len(event.text)
+        self.finish_reason = event.finish_reason
+        return {
+            "index": self.index,
+            "text": event.text,
+            "logprobs": delta if self.logprobs is not None else None,
+            "finish_reason": FINISH_REASONS.get(event.finish_reason),
+        }
+
+    def final(self) -> dict[str, Any]:
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = {
+                "tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
+                "text_offset": self.text_offset,
+            }
+        return {
+            "index": self.index, "text": "".join(self.text), "logprobs": logprobs,
+            "finish_reason": FINISH_REASONS.get(self.finish_reason),
+        }
+
+
+class _Server:
+    """The app's state and handlers."""
+
+    def __init__(self, engine: Engine, model_name: str, api_key: str | None, max_queue: int):
+        self.engine = engine
+        self.model_name = model_name
+        self.api_key = api_key
+        self.max_queue = max_queue
+        self.max_choices = max(1, min(MAX_CHOICES, max_queue))
+        self.metrics = Metrics(engine)
+        self.created = int(time.time())
+        self.streams: set[Stream] = set()  # submitted and not yet ended
+        self.pumps: set[asyncio.Task] = set()
+        self.token_name = functools.lru_cache(maxsize=1 << 16)(self._token_name)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        # `Stream.__aiter__` waits in the loop's default executor, one thread per waiting stream:
+        # size it for every stream that can be in flight (the default has only cpu_count + 4).
+        workers = self.engine.max_batch + self.max_queue + MAX_CHOICES + 8
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grok-server")
+        )
+        started_here = not self.engine.running
+        self.engine.start()
+        logger.info("serving %s: %d slots of %d tokens", self.model_name, self.engine.max_batch, self.engine.cache_len)
+        try:
+            yield
+        finally:
+            for stream in list(self.streams):
+                stream.cancel()
+            if self.pumps:  # the engine ends each cancelled stream at its next step
+                await asyncio.wait(list(self.pumps), timeout=SHUTDOWN_WAIT_S)
+            if started_here:
+                await asyncio.to_thread(self.engine.stop)
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def health(self, request: Request) -> Response:
+        ok = self.engine.running
+        body = {"status": "ok" if ok else "engine stopped", "active": self.engine.active, "queued": self.engine.queued}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        self._authorize(request)
+        self._check_model(request.path_params["model"])
+        return JSONResponse(self._model_card())
+
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._parse(request)
+        prompts, max_tokens = await self._check(body)
+        run = _Run(self, self._submit(body, prompts, max_tokens), request, body.logprobs)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name}
+        prompt_tokens = sum(map(len, prompts))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                self._sse(run, head, prompt_tokens, include_usage), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        async for _ in run.events():
+            pass
+        if run.disconnected:  # nobody reads this answer; 499 (nginx's "client closed request") for the metrics
+            return Response(status_code=499)
+        for choice in run.choices:
+            if choice.finish_reason not in FINISH_REASONS:
+                raise _ended_early(choice.finish_reason)
+        completion_tokens = sum(c.completion_tokens for c in run.choices)
+        return JSONResponse(
+            {**head, "choices": [c.final() for c in run.choices], "usage": _usage(prompt_tokens, completion_tokens)}
+        )
+
+    async def _check(self, body: CompletionRequest) -> tuple[list[list[int]], int]:
+        """Everything the engine would refuse (or choke on), as a 4xx naming the field; returns the
+        prompts' token ids and max_tokens."""
+        self._check_model(body.model)
+        error = body.unsupported()
+        if error is not None:
+            raise error
+        cache_len = self.engine.cache_len
+        max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        if max_tokens > cache_len:
+            raise APIError(400, f"max_tokens is {max_tokens}; the context holds {cache_len} tokens", "max_tokens")
+        if body.stop and self.engine.grok.tokenizer is None:
+            raise APIError(400, "stop strings need a tokenizer, which this model has not", "stop")
+        choices = len(body.prompt) * (body.n or 1)
+        if choices > self.max_choices:
+            param = "n" if len(body.prompt) == 1 else "prompt"
+            raise APIError(400, f"prompts x n is {choices}; at most {self.max_choices} are served", param)
+        return [await self._encode(prompt, i, len(body.prompt)) for i, prompt in enumerate(body.prompt)], max_tokens
+
+    def _submit(self, body: CompletionRequest, prompts: list[list[int]], max_tokens: int) -> list[Stream]:
+        """One stream per prompt and choice (choice i samples with seed + i), or 429/503 at once."""
+        engine = self.engine
+        n = body.n or 1
+        if not engine.running:
+            raise APIError(503, "the engine is not running", type="server_error")
+        # Synchronous from this check to the submits: no other request can take the room checked here.
+        if engine.queued + len(prompts) * n > self.max_queue:
+            raise APIError(
+                429, f"the queue is full ({engine.queued} waiting); retry shortly", type="rate_limit_error",
+                code="queue_full", headers={"Retry-After": "1"},
+            )
+        seed = secrets.randbits(32) if body.seed is None else body.seed
+        sampling = [
+            SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=min(body.top_k or 0, engine.grok.config.vocab_size),  # the engine holds it as int32
+                seed=(seed + i) % (1 << 32),  # the engine holds it as uint32
+            )
+            for i in range(n)
+        ]
+        streams: list[Stream] = []
+        try:
+            for ids in prompts:
+                for params in sampling:
+                    streams.append(engine.submit(EngineRequest(ids, max_tokens, params, body.stop, body.logprobs or 0)))
+        except ValueError as err:  # `_check` should have caught it; never leave half a request running
+            for stream in streams:
+                stream.cancel()
+            raise APIError(400, str(err)) from None
+        self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
+        return streams
+
+    async def _sse(self, run: _Run, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+        extra = {"usage": None} if include_usage else {}
+        try:
+            async for choice in run.events():
+                reason = run.choices[choice["index"]].finish_reason
+                if reason is not None and reason not in FINISH_REASONS:
+                    yield _event_line(_ended_early(reason).body())
+                    return
+                yield _event_line({**head, "choices": [choice], **extra})
+        except Exception:
+            logger.exception("streaming failed")
+            yield _event_line(APIError(500, "internal error while generating", type="server_error").body())
+            return
+        if include_usage:
+            completion_tokens = sum(c.completion_tokens for c in run.choices)
+            yield _event_line({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield "data: [DONE]\n\n"
+
+    # ------------------------------------------------------------------ helpers
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise APIError(
+                401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`",
+                           "model", code="model_not_found")
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "grok",
+                "max_model_len": self.engine.cache_len}
+
+    async def _parse(self, request: Request) -> CompletionRequest:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(400, "the client disconnected while sending the request") from None
+        try:
+            text = b"".join(chunks).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise APIError(400, f"The request body is not valid UTF-8 (byte {err.start})") from None
+        try:
+            return CompletionRequest.model_validate_json(text)
+        except ValidationError as err:
+            raise _from_validation(err) from None
+
+    async def _encode(self, prompt: str | list[int], index: int, count: int) -> list[int]:
+        """Token ids of one prompt, checked against the vocabulary and the context."""
+        where = f"prompt {index}" if count > 1 else "the prompt"
+        try:
+            ids = await asyncio.to_thread(self.engine.grok.encode, prompt) if isinstance(prompt, str) else (
+                self.engine.grok.encode(prompt)
+            )
+        except ValueError as err:
+            raise APIError(400, f"{where}: {err}", "prompt") from None
+        if not ids:
+            raise APIError(400, f"{where} is empty", "prompt")
+        if len(ids) >= self.engine.cache_len:
+            raise APIError(
+                400, f"{where} has {len(ids)} tokens; this model's context holds {self.engine.cache_len}, "
+                "and at least one must be left for the completion", "prompt",
+            )
+        return ids
+
+    def _token_name(self, token_id: int) -> str:
+        """A token as named in `logprobs`: its text; a lone byte of a UTF-8 character as
+        OpenAI writes it (`bytes:\\xNN`); `<|token:ID|>` when it has no text of its own."""
+        tokenizer = self.engine.grok.tokenizer
+        text = tokenizer.decode([token_id]) if tokenizer is not None else ""
+        if text and "\ufffd" not in text:
+            return text
+        if isinstance(tokenizer, ByteTokenizer) and 0 <= token_id - tokenizer.BYTE_OFFSET < 256:
+            return f"bytes:\\x{token_id - tokenizer.BYTE_OFFSET:02x}"
+        return f"<|token:{token_id}|>"
+
+
+class _Run:
+    """The streams of one HTTP request, merged into one sequence of streamed choices.
+
+    Each stream is read (`async for`) by its own task that runs to the stream's last event, so a
+    stream's thread never waits forever; the request's client going away cancels them all.
+    """
+
+    def __init__(self, server: _Server, streams: list[Stream], request: Request, logprobs: int | None):
+        self.server = server
+        self.streams = streams
+        self.request = request
+        self.choices = [_Choice(i, logprobs) for i in range(len(streams))]
+        self.disconnected = False
+        self._queue: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
+        self._accepted = time.monotonic()
+        server.streams.update(streams)
+        for i, stream in enumerate(streams):
+            task = asyncio.create_task(self._pump(i, stream))
+            server.pumps.add(task)
+            task.add_done_callback(server.pumps.discard)
+        # Watched from now on, even if the response never starts (the client left before).
+        self._watcher = asyncio.create_task(self._watch_disconnect())
+
+    async def _pump(self, index: int, stream: Stream) -> None:
+        metrics = self.server.metrics
+        first = True
+        try:
+            async for event in stream:
+                if first and event.token_id >= 0:
+                    metrics.ttft.observe(time.monotonic() - self._accepted)
+                first = False
+                if event.finish_reason not in ("stop", "cancelled"):
+                    metrics.generated_tokens.inc()
+                if event.finish_reason is not None:
+                    metrics.finished.labels(event.finish_reason).inc()
+                self._queue.put_nowait((index, event))
+        except Exception as err:  # never expected; reported to the request, not lost
+            self._queue.put_nowait((index, err))
+        finally:
+            self.server.streams.discard(stream)
+
+    async def _watch_disconnect(self) -> None:
+        """Cancel the streams as soon as the client goes away (also for non-streamed requests)."""
+        while (await self.request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.01)
+        if not all(stream.done for stream in self.streams):
+            self.disconnected = True
+        for stream in self.streams:
+            stream.cancel()
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Each event as a streamed choice (see `_Choice.add`), until every stream has ended."""
+        remaining = len(self.streams)
+        try:
+            while remaining:
+                index, event = await self._queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if event.finish_reason is not None:
+                    remaining -= 1
+                yield self.choices[index].add(event, self.server.token_name)
+        finally:
+            self._watcher.cancel()
+            early = remaining > 0 or any(c.finish_reason == "cancelled" for c in self.choices)
+            if early:
+                self.server.metrics.cancelled.inc()
+            for stream in self.streams:  # the engine drops cancelled streams at its next step
+                stream.cancel()
+
+
+def _ended_early(reason: str) -> APIError:
+    """The error for a choice that the engine ended without a result ("cancelled", or a failure)."""
+    if reason == "cancelled":  # a client that went away reads nothing, so this is for a shutdown
+        return APIError(503, "the request was cancelled: the server is shutting down", type="server_error")
+    return APIError(500, f"generation failed ({reason})", type="server_error")
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _event_line(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+# ---------------------------------------------------------------------------------- app
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_queue: int = 64) -> Starlette:
+    """The ASGI app. Its lifespan starts the engine (and stops it if it started it)."""
+    if max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    server = _Server(engine, model_name, api_key or None, max_queue)
+
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code in (404, 405) else exc.detail
+        return APIError(exc.status_code, message, headers=exc.headers).response()
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return APIError(500, "internal server error", type="server_error").response()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/completions", server.completions, methods=["POST"]),
+            Route("/v1/models", server.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", server.model, methods=["GET"]),
+            Route("/health", server.health, methods=["GET"]),
+            Route("/metrics", server.metrics_text, methods=["GET"]),
+        ],
+        middleware=[Middleware(_CountRequests, metrics=server.metrics)],
+        exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error},
+        lifespan=server.lifespan,
+    )
+    app.state.server = server  # for tests and embedding: metrics registry, live streams
+    return app
+
+
+def serve(
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = "grok-1",
+    api_key: str | None = None,
+    max_queue: int = 64,
+    log_level: str = "info",
+    graceful_shutdown_s: int | None = 30,
+) -> None:
+    """Serve until interrupted. In-flight requests get `graceful_shutdown_s` to finish, then are cancelled."""
+    app = create_app(engine, model_name, api_key, max_queue)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=graceful_shutdown_s
+    )
+    uvicorn.Server(config).run()
