@@ -5,15 +5,21 @@ sorted as strings (so `decoder_layer_10` comes before `decoder_layer_2`): either
 array, or an 8-bit weight pickled as `__main__.QuantizedWeight8bit` with the instance state
 `{"weight": int8 array, "scales": bf16 array}` (pickle protocol 4), exactly as released.
 Pickles can run code, so files are read with an unpickler that admits only the release's globals.
+
+`iter_checkpoint` and `read_checkpoint` also read the converted safetensors format
+(`grok.safetensors_checkpoint`, made by `grok.convert`); `checkpoint_format` tells which a
+directory holds, and both are checked against the config in the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import pickle
 import re
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Literal, Sequence
 
 import jax
 import ml_dtypes
@@ -34,6 +40,11 @@ Weight = np.ndarray | QuantizedWeight8bit
 
 PROTOCOL = 4
 CHECKPOINT_SUBDIR = "ckpt-0"
+LEGACY_CHECKPOINT_SUBDIR = "ckpt"  # what older revisions of the Hub repository call `ckpt-0/`
+SAFETENSORS_SUBDIR = "safetensors"  # where `run.py convert` puts the converted checkpoint by default
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+CHECKPOINT_SUBDIRS = (SAFETENSORS_SUBDIR, CHECKPOINT_SUBDIR, LEGACY_CHECKPOINT_SUBDIR)  # in order of preference
+Format = Literal["pickle", "safetensors"]
 _TENSOR_FILE = re.compile(r"tensor\d{5}_\d{3}")
 _RELEASE_CLASS = ("__main__", "QuantizedWeight8bit")
 
@@ -61,14 +72,48 @@ def tensor_file_name(index: int) -> str:
 
 
 def resolve_checkpoint_dir(directory: PathLike) -> Path:
-    """`directory` itself, or its `ckpt-0/` subdirectory when `directory` holds no tensor files."""
+    """`directory` itself when it holds a checkpoint, else its first subdirectory that does.
+
+    Subdirectories are tried in the order `safetensors/` (a finished conversion: it has its index),
+    `ckpt-0/`, `ckpt/` (the name in older revisions of the Hub repository). With none of them,
+    `directory` itself is returned, for the reader to report what is missing there.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         problem = "is not a directory" if directory.exists() else "does not exist"
         raise CheckpointError(f"checkpoint directory {directory} {problem}")
-    if not _tensor_files(directory) and (directory / CHECKPOINT_SUBDIR).is_dir():
-        return directory / CHECKPOINT_SUBDIR
-    return directory
+    return find_checkpoint_dir(directory) or directory
+
+
+def find_checkpoint_dir(directory: PathLike) -> Path | None:
+    """The directory that holds a checkpoint of either format: `directory` itself, or the first of its
+    subdirectories `safetensors/`, `ckpt-0/`, `ckpt/` that does; None when none does."""
+    directory = Path(directory)
+    for candidate in (directory, *(directory / name for name in CHECKPOINT_SUBDIRS)):
+        if candidate.is_dir() and _holds_checkpoint(candidate):
+            return candidate
+    return None
+
+
+def checkpoint_format(directory: PathLike) -> Format:
+    """Which format a checkpoint directory (as resolved) holds: "safetensors" when it has the index
+    file that a finished conversion writes last, else "pickle" (the release format).
+
+    A directory with safetensors files but no index is an unfinished conversion: an error.
+    """
+    directory = Path(directory)
+    if (directory / SAFETENSORS_INDEX).is_file():
+        return "safetensors"
+    if not tensor_files(directory) and any(name.endswith(".safetensors") for name in os.listdir(directory)):
+        raise CheckpointError(
+            f"{directory} holds .safetensors files but no {SAFETENSORS_INDEX}: the conversion did not finish; "
+            "run convert again to complete it"
+        )
+    return "pickle"
+
+
+def _holds_checkpoint(directory: Path) -> bool:
+    return (directory / SAFETENSORS_INDEX).is_file() or bool(tensor_files(directory))
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -106,14 +151,15 @@ def write_checkpoint(params: Params, directory: PathLike, *, progress: bool = Tr
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     names, weights = flatten(params)
-    foreign = sorted(_tensor_files(directory) - {tensor_file_name(i) for i in range(len(names))})
+    foreign = sorted(tensor_files(directory) - {tensor_file_name(i) for i in range(len(names))})
     if foreign:
         raise CheckpointError(
             f"{directory} already holds tensor files of another checkpoint ({foreign[0]}, ...); "
             "write into an empty directory"
         )
     for i, weight in enumerate(tqdm(weights, desc=f"writing {directory}", unit="file", disable=not progress)):
-        _write_atomically(directory / tensor_file_name(i), _to_numpy(weight))
+        with atomic_write(directory / tensor_file_name(i)) as file:
+            ReleasePickler(file).dump(_to_numpy(weight))
 
 
 def _to_numpy(weight) -> Weight:
@@ -122,17 +168,28 @@ def _to_numpy(weight) -> Weight:
     return np.asarray(weight)
 
 
-def _write_atomically(path: Path, obj: Weight) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that appears at `path` only once fully written (temporary file, fsync, rename).
+
+    If the body raises, the temporary file is removed; a process killed meanwhile leaves it behind
+    under `temporary_name(path)` (a hidden name no reader looks at).
+    """
+    temporary = path.with_name(f"{temporary_name(path)}{os.getpid()}")
     try:
         with open(temporary, "wb") as file:
-            ReleasePickler(file).dump(obj)
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def temporary_name(path: Path) -> str:
+    """Prefix of the temporary files `atomic_write` uses for `path` (the process id follows)."""
+    return f".{path.name}.tmp"
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -187,38 +244,68 @@ def load_tensor(path: PathLike) -> Weight:
     raise CheckpointError(f"{label}: holds a {type(obj).__name__}, not a NumPy array or QuantizedWeight8bit")
 
 
-def iter_checkpoint(directory: PathLike, config: GrokConfig, *, progress: bool = True) -> Iterator[tuple[str, Weight]]:
-    """Yield (parameter path, weight) file by file, each checked against what `config` expects.
+def iter_checkpoint(
+    directory: PathLike, config: GrokConfig, *, progress: bool = True, lazy: bool = False
+) -> Iterator[tuple[str, Weight]]:
+    """Yield (parameter path, weight) in release file order, each checked against what `config` expects.
 
-    Only one file's weight is in memory at a time (plus whatever the caller keeps).
+    Reads either format (see `checkpoint_format`). Only one weight is in memory at a time (plus
+    whatever the caller keeps). With `lazy`, a safetensors weight's arrays are
+    `grok.safetensors_checkpoint.StoredArray`s, which read only the bytes of the slice they are
+    indexed with (`stored[index]`), so a caller that needs only some shards reads only those;
+    a pickle has to be read whole, so its arrays are NumPy arrays either way. Both have `shape`,
+    `dtype` and `[index]`; a lazy weight stays readable after the iteration moves on.
     """
     directory = resolve_checkpoint_dir(directory)
-    names, expected = flatten(checkpoint_shapes(config))
-    _check_files_present(directory, names)
-    for i, (name, want) in enumerate(
-        tqdm(list(zip(names, expected)), desc=f"reading {directory}", unit="file", disable=not progress)
-    ):
+    names, expected, _ = expected_weights(config)
+    if checkpoint_format(directory) == "safetensors":
+        from grok import safetensors_checkpoint  # imports this module
+
+        weights = safetensors_checkpoint.iter_weights(directory, names, expected)
+    else:
+        weights = _iter_pickles(directory, names, expected)
+    for name, weight in tqdm(weights, total=len(names), desc=f"reading {directory}", unit="file", disable=not progress):
+        yield name, weight if lazy else jax.tree.map(np.asarray, weight)
+
+
+def _iter_pickles(directory: Path, names: Sequence[str], expected: Sequence) -> Iterator[tuple[str, Weight]]:
+    check_files_present(directory, names)
+    for i, (name, want) in enumerate(zip(names, expected)):
         path = directory / tensor_file_name(i)
         weight = load_tensor(path)
-        _check_weight(f"{path} ({name})", want, weight)
+        check_weight(f"{path} ({name})", want, weight)
         yield name, weight
 
 
 def read_checkpoint(directory: PathLike, config: GrokConfig, *, progress: bool = True) -> Params:
-    """Load a release checkpoint (`DIR/ckpt-0` or `DIR`) as a checkpoint tree of NumPy arrays."""
-    expected_tree = checkpoint_shapes(config)
+    """Load a checkpoint of either format as a checkpoint tree of NumPy arrays.
+
+    `directory` holds the checkpoint, or is a directory above it (see `resolve_checkpoint_dir`).
+    """
     loaded = [weight for _, weight in iter_checkpoint(directory, config, progress=progress)]
-    treedef = jax.tree_util.tree_structure(expected_tree, is_leaf=is_weight)
-    return jax.tree_util.tree_unflatten(treedef, loaded)
+    return jax.tree_util.tree_unflatten(expected_weights(config)[2], loaded)
 
 
-def _tensor_files(directory: Path) -> set[str]:
+@functools.lru_cache(maxsize=8)
+def expected_weights(config: GrokConfig) -> tuple[tuple[str, ...], tuple, jax.tree_util.PyTreeDef]:
+    """Names, abstract weights (release file order) and tree structure of `config`'s checkpoint.
+
+    Kept per config: deriving them traces the model (`jax.eval_shape`), which costs more than
+    reading a small checkpoint.
+    """
+    expected_tree = checkpoint_shapes(config)
+    names, expected = flatten(expected_tree)
+    return tuple(names), tuple(expected), jax.tree_util.tree_structure(expected_tree, is_leaf=is_weight)
+
+
+def tensor_files(directory: Path) -> set[str]:
+    """Names of the release tensor files (`tensorNNNNN_NNN`) in `directory`."""
     return {name for name in os.listdir(directory) if _TENSOR_FILE.fullmatch(name)}
 
 
-def _check_files_present(directory: Path, names: list[str]) -> None:
+def check_files_present(directory: Path, names: Sequence[str]) -> None:
     """Exactly the files tensor00000_000 .. tensor{N-1}_000, one per expected weight."""
-    found = _tensor_files(directory)
+    found = tensor_files(directory)
     wanted = [tensor_file_name(i) for i in range(len(names))]
     count = (
         f"expected {len(names)} tensor files for this config, found {len(found)}; "
@@ -233,7 +320,8 @@ def _check_files_present(directory: Path, names: list[str]) -> None:
             raise CheckpointError(f"{directory / file_name} ({name}) is missing{hint}")
 
 
-def _check_weight(label: str, want, found: Weight) -> None:
+def check_weight(label: str, want, found: Weight) -> None:
+    """`found` (arrays or anything with `shape` and `dtype`) has the kind, dtypes and shapes of `want`."""
     if isinstance(want, QuantizedWeight8bit):
         if not isinstance(found, QuantizedWeight8bit):
             raise CheckpointError(

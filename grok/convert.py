@@ -1,0 +1,120 @@
+"""`run.py convert`: turn a release (pickle) checkpoint into the safetensors format.
+
+The format and why it was chosen are described in `grok.safetensors_checkpoint`. Conversion is
+exact (the same int8, bf16 and fp32 bytes), streams one weight at a time (the host holds at most
+one release file, about 1.6 GB for Grok-1's largest) and can be resumed: every output file is
+written under a temporary name and renamed when complete, so an interrupted conversion leaves only
+whole files, which the next run keeps; the index, written last, marks the directory finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from grok import checkpoint
+from grok.checkpoint import SAFETENSORS_INDEX, CheckpointError, PathLike
+from grok.config import GrokConfig
+from grok.safetensors_checkpoint import (
+    FORMAT,
+    file_name,
+    open_file,
+    tensor_keys,
+    write_file,
+    write_index,
+)
+
+log = logging.getLogger("grok")
+_OUTPUT_FILE = re.compile(r"tensor(\d{5})\.safetensors")
+_STALE_TEMPORARY = re.compile(r"\.(tensor\d{5}\.safetensors|" + re.escape(SAFETENSORS_INDEX) + r")\.tmp\d+")
+
+
+def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: bool = True) -> Path:
+    """Convert the release checkpoint in `src_dir` (or its `ckpt-0/` or `ckpt/`) into `dst_dir`; returns `dst_dir`.
+
+    Every source file is checked against `config` as it is read (errors name the file and the
+    parameter). Output files already in `dst_dir` with the expected tensors, dtypes and shapes are
+    kept, so running this again after an interruption only converts what is left; delete `dst_dir`
+    to start over.
+    """
+    src = Path(src_dir)
+    checkpoint.resolve_checkpoint_dir(src)  # a CheckpointError if it does not exist
+    if not checkpoint.tensor_files(src):
+        for name in (checkpoint.CHECKPOINT_SUBDIR, checkpoint.LEGACY_CHECKPOINT_SUBDIR):
+            if (src / name).is_dir():
+                src = src / name
+                break
+    if (src / SAFETENSORS_INDEX).is_file():
+        raise CheckpointError(f"{src} is already in the safetensors format")
+    dst = Path(dst_dir)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise CheckpointError(f"convert needs an output directory other than its input {src}")
+    names, expected, _ = checkpoint.expected_weights(config)
+    checkpoint.check_files_present(src, names)
+    dst.mkdir(parents=True, exist_ok=True)
+    _check_output_dir(dst, len(names))
+
+    (dst / SAFETENSORS_INDEX).unlink(missing_ok=True)  # unfinished until it is written again at the end
+    for path in dst.iterdir():
+        if _STALE_TEMPORARY.fullmatch(path.name):
+            path.unlink()  # left by a conversion that was killed (see `checkpoint.atomic_write`)
+
+    weight_map: dict[str, str] = {}
+    total_size = kept = 0
+    bar = tqdm(list(zip(names, expected)), desc=f"converting {src} -> {dst}", unit="file", disable=not progress)
+    for i, (name, want) in enumerate(bar):
+        out = dst / file_name(i)
+        wanted = tensor_keys(name, want)
+        weight_map.update(dict.fromkeys(wanted, out.name))
+        total_size += sum(_nbytes(array) for array in wanted.values())
+        if _is_complete(out, wanted):
+            kept += 1
+            continue
+        source = src / checkpoint.tensor_file_name(i)
+        weight = checkpoint.load_tensor(source)
+        checkpoint.check_weight(f"{source} ({name})", want, weight)
+        write_file(out, tensor_keys(name, weight), {"format": FORMAT, "source": source.name, "name": name})
+        del weight  # before the next file is read
+    write_index(dst, weight_map, total_size)
+    resumed = f" ({kept} files were already converted)" if kept else ""
+    log.info("converted %d weights (%.2f GB) from %s to %s%s", len(names), total_size / 1e9, src, dst, resumed)
+    return dst
+
+
+def _check_output_dir(dst: Path, count: int) -> None:
+    """Refuse a directory that holds a release checkpoint, or the output of a larger model."""
+    if checkpoint.tensor_files(dst):
+        raise CheckpointError(f"{dst} holds release tensor files; convert into another directory")
+    foreign = sorted(
+        name for name in os.listdir(dst) if (match := _OUTPUT_FILE.fullmatch(name)) and int(match.group(1)) >= count
+    )
+    if foreign:
+        raise CheckpointError(
+            f"{dst} already holds files of another checkpoint ({foreign[0]}, ...); convert into an empty directory"
+        )
+
+
+def _is_complete(path: Path, wanted: dict) -> bool:
+    """`path` is a valid safetensors file holding exactly the `wanted` tensors with their dtypes and shapes."""
+    if not path.is_file():
+        return False
+    try:
+        handle = open_file(path)
+        if set(handle.keys()) != set(wanted):
+            return False
+        for key, want in wanted.items():
+            stored = handle.array(key)
+            if stored.dtype != np.dtype(want.dtype) or stored.shape != tuple(want.shape):
+                return False
+    except CheckpointError:
+        return False
+    return True
+
+
+def _nbytes(array) -> int:
+    return int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize

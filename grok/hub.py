@@ -1,0 +1,177 @@
+"""`run.py download`: fetch the released checkpoint from the Hugging Face Hub, and check it is complete.
+
+`download` fetches `ckpt-0/*` (older revisions of the repository call the directory `ckpt/`) and
+`tokenizer.model` with `huggingface_hub.snapshot_download` into a plain directory, with progress
+bars. Running it again continues an interrupted download: files already complete (recorded in
+`LOCAL_DIR/.cache/huggingface/`) are kept without a request, and an HTTP transfer cut off midway is
+retried by `huggingface_hub` from where it stopped (a `Range` request). A file whose process was
+killed mid-transfer is fetched again from its start.
+
+`verify_download` then checks, without reading any tensor, that every tensor file the config
+expects is there with a plausible size, and that the tokenizer is there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx2
+import numpy as np
+import tqdm
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import XetDownloadError
+from huggingface_hub.hf_api import RepoFile, RepoFolder
+
+from grok.checkpoint import (
+    CHECKPOINT_SUBDIR,
+    LEGACY_CHECKPOINT_SUBDIR,
+    CheckpointError,
+    PathLike,
+    tensor_file_name,
+    tensor_files,
+)
+from grok.config import GrokConfig
+from grok.quant import QuantizedWeight8bit
+from grok.weights import checkpoint_shapes, flatten
+
+log = logging.getLogger("grok")
+
+REPO_ID = "xai-org/grok-1"
+TOKENIZER_FILE = "tokenizer.model"
+# A release tensor file is its arrays' bytes plus a pickle header of a few hundred bytes; anything
+# beyond this allowance is not the file the config expects.
+PICKLE_OVERHEAD = 64 * 1024
+_SHOWN = 5  # names listed per kind of problem
+
+# What a failed transfer raises: HTTP status errors and files that fail their size check (OSError
+# subclasses in huggingface_hub), connection errors of its HTTP client, and Xet transfer errors.
+_TRANSFER_ERRORS = (OSError, httpx2.HTTPError, XetDownloadError)
+
+
+class DownloadError(CheckpointError):
+    """The Hub could not be reached, or a transfer failed; what was complete is kept for the next try."""
+
+
+def download(
+    repo_id: str = REPO_ID,
+    local_dir: PathLike = "checkpoints",
+    revision: str | None = None,
+    endpoint: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Download the checkpoint directory and the tokenizer of `repo_id` into `local_dir`.
+
+    Returns the directory that holds the tensor files: `local_dir/ckpt-0`, or `local_dir/ckpt` for
+    a revision that names it so (`grok.checkpoint.resolve_checkpoint_dir(local_dir)` finds either).
+    `revision` is a branch, tag or commit (default: the main branch); `endpoint` a Hub URL (default:
+    `HF_ENDPOINT`, else huggingface.co). Raises `DownloadError` when the Hub cannot be reached or a
+    transfer fails; run it again to continue. Check the result with `verify_download`.
+    """
+    local_dir = Path(local_dir)
+    api = HfApi(endpoint=endpoint)
+    try:
+        commit = api.model_info(repo_id, revision=revision).sha
+        top = {entry.path: entry for entry in api.list_repo_tree(repo_id, revision=commit)}
+    except _TRANSFER_ERRORS as err:
+        raise DownloadError(f"cannot list {repo_id} at revision {revision or 'main'}: {err}") from err
+    folders = [d for d in (CHECKPOINT_SUBDIR, LEGACY_CHECKPOINT_SUBDIR) if isinstance(top.get(d), RepoFolder)]
+    subdir = folders[0] if folders else None
+    if subdir is None or not isinstance(top.get(TOKENIZER_FILE), RepoFile):
+        wanted = f"{CHECKPOINT_SUBDIR}/ (or {LEGACY_CHECKPOINT_SUBDIR}/) and {TOKENIZER_FILE}"
+        raise DownloadError(
+            f"{repo_id} at revision {revision or 'main'} (commit {commit}) does not hold {wanted}; "
+            f"it holds: {', '.join(sorted(top)) or 'nothing'}"
+        )
+
+    log.info("downloading %s/ and %s of %s (commit %s) into %s", subdir, TOKENIZER_FILE, repo_id, commit, local_dir)
+    try:
+        snapshot_download(
+            repo_id,
+            revision=commit,  # exactly the commit listed above, even if the branch moves meanwhile
+            local_dir=local_dir,
+            allow_patterns=[f"{subdir}/*", TOKENIZER_FILE],
+            endpoint=endpoint,
+            tqdm_class=None if progress else _NoProgress,
+        )
+    except _TRANSFER_ERRORS as err:
+        raise DownloadError(
+            f"download of {repo_id} into {local_dir} stopped: {err}. Run it again to continue "
+            "(files already complete are kept)"
+        ) from err
+    log.info("checkpoint: %s, tokenizer: %s", local_dir / subdir, local_dir / TOKENIZER_FILE)
+    return local_dir / subdir
+
+
+class _NoProgress(tqdm.tqdm):
+    """A progress bar that never shows (for `progress=False`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+def verify_download(local_dir: PathLike, config: GrokConfig) -> None:
+    """Check that `local_dir` holds a complete release checkpoint for `config`, without reading it.
+
+    `local_dir` is the directory given to `download`. Every tensor file the config expects must be
+    in `local_dir/ckpt-0` (or `local_dir/ckpt`) with at least the bytes of its arrays and at most
+    `PICKLE_OVERHEAD` more, no other tensor file may be there, and `local_dir/tokenizer.model` must
+    be a non-empty file.
+    Raises `CheckpointError` saying what is missing, short or unexpected (the first few names of
+    each, and how many).
+    """
+    local_dir = Path(local_dir)
+    directory = _downloaded_checkpoint_dir(local_dir)
+    names, expected = flatten(checkpoint_shapes(config))
+    missing, short, long = [], [], []
+    for i, (name, want) in enumerate(zip(names, expected)):
+        path = directory / tensor_file_name(i)
+        if not path.is_file():
+            missing.append(f"{path.name} ({name})")
+            continue
+        size, low = path.stat().st_size, _payload_bytes(want)
+        if size < low:
+            short.append(f"{path.name} ({name}: {size:,} of at least {low:,} bytes)")
+        elif size > low + PICKLE_OVERHEAD:
+            long.append(f"{path.name} ({name}: {size:,} bytes, expected at most {low + PICKLE_OVERHEAD:,})")
+    wanted = {tensor_file_name(i) for i in range(len(names))}
+    unexpected = sorted(tensor_files(directory) - wanted) if directory.is_dir() else []
+
+    problems = [
+        _listing(f"of {len(names)} tensor files missing", missing),
+        _listing("truncated", short),
+        _listing("larger than their tensors", long),
+        _listing("unexpected for this config", unexpected),
+    ]
+    tokenizer = local_dir / TOKENIZER_FILE
+    if not tokenizer.is_file():
+        problems.append(f"{TOKENIZER_FILE} missing")
+    elif tokenizer.stat().st_size == 0:
+        problems.append(f"{TOKENIZER_FILE} empty")
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise CheckpointError(
+            f"incomplete checkpoint in {directory}: {'; '.join(problems)}. "
+            "Run download again to fetch what is missing"
+        )
+    log.info("%s: all %d tensor files present with plausible sizes, and %s", directory, len(names), TOKENIZER_FILE)
+
+
+def _downloaded_checkpoint_dir(local_dir: Path) -> Path:
+    for name in (CHECKPOINT_SUBDIR, LEGACY_CHECKPOINT_SUBDIR):
+        if (local_dir / name).is_dir():
+            return local_dir / name
+    return local_dir / CHECKPOINT_SUBDIR  # reported as missing all its files
+
+
+def _payload_bytes(weight) -> int:
+    arrays = [weight.weight, weight.scales] if isinstance(weight, QuantizedWeight8bit) else [weight]
+    return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in arrays)
+
+
+def _listing(what: str, items: list[str]) -> str:
+    if not items:
+        return ""
+    more = f", ... ({len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+    return f"{len(items)} {what}: {', '.join(items[:_SHOWN])}{more}"
