@@ -14,7 +14,7 @@ By default the files are in the page cache (just written: a warm start). `--cold
 to drop each checkpoint's cached pages before every timed run (`posix_fadvise(DONTNEED)`), so the
 reads come from the disk, as on a fresh machine.
 
-    PYTHONPATH=. python bench/load_time.py --emb-size 512 --layers 8 --repeat 3 [--cold] [--processes 4]
+    PYTHONPATH=. python bench/load_time.py --emb-size 512 --layers 8 --repeat 5 [--cold] [--processes 4]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mesh-data", type=int, default=1, help="size of the data axis")
     parser.add_argument("--mesh-model", type=int, default=8, help="size of the model axis")
     parser.add_argument("--processes", type=int, default=4, help="processes of the multi-process load (0: skip it)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per format and kind of load")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per format and kind of load")
     parser.add_argument("--cold", action="store_true", help="drop the files from the page cache before each run")
     parser.add_argument("--dir", type=Path, help="where to write the checkpoints (default: a temporary directory)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # JSON job of one process of the multi-process load
