@@ -14,7 +14,7 @@ import jax
 
 from grok import distributed
 from grok.api import Grok, SamplingParams
-from grok.checkpoint import CheckpointError
+from grok.checkpoint import CheckpointError, find_checkpoint_dir
 from grok.config import load_config
 from grok.engine import Engine
 from grok.demo import DEMO_CONFIG, write_demo_checkpoint
@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stream a release checkpoint tensor by tensor into safetensors files; rerun to resume.",
     )
     conv.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help=f"source (default: {DEFAULT_CHECKPOINT})")
-    conv.add_argument("--output", type=Path, required=True, help="destination directory")
+    conv.add_argument(
+        "--output",
+        type=Path,
+        default=Path("checkpoints/safetensors"),
+        help="destination directory (default: checkpoints/safetensors, which generate/serve then prefer)",
+    )
     conv.add_argument("--config", default="grok-1", help="preset name or JSON config file (default: grok-1)")
     conv.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
@@ -184,8 +189,8 @@ def _load_model(args: argparse.Namespace, prompt_ids_given: bool = False) -> Gro
     """The model the flags describe: a checkpoint (sharded) or the demo, after starting jax.distributed."""
     mesh_shape = parse_mesh(args.mesh) if args.mesh is not None else {}
     checkpoint = args.checkpoint
-    if checkpoint is None and DEFAULT_CHECKPOINT.is_dir():
-        checkpoint = DEFAULT_CHECKPOINT
+    if checkpoint is None and Path("checkpoints").is_dir():
+        checkpoint = find_checkpoint_dir("checkpoints")  # safetensors/, else ckpt-0/, else ckpt/
     sharded = checkpoint is not None or args.mesh is not None or args.rules is not None
     rules = load_rules(args.rules or DEFAULT_RULES) if sharded else None
     try:
