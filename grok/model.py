@@ -2,12 +2,20 @@
 
 The decoder layers run as one `hk.layer_stack` scan, so their parameters are stacked along a
 leading layer axis under `transformer/decoder_layer/...`; `grok.weights` maps that tree to and from
-the per-layer tree `transformer/decoder_layer_{i}/...` of the released checkpoint.
+the per-layer tree `transformer/decoder_layer_{i}/...` of the released checkpoint. With
+`build(..., scan_layers=False)` the layers are unrolled instead and take that per-layer tree as is.
+
+Two switches trade speed, memory and compile time (see `build`): `moe_impl` picks how the mixture
+of experts runs (`grok.ops.moe`), and the weights may be 8-bit as released or, for CPUs, converted
+once by `f32_params`.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import math
+import re
 
 import haiku as hk
 import jax
@@ -16,7 +24,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from grok import ops
 from grok.config import GrokConfig
-from grok.quant import QuantizedWeight8bit, dequantize
+from grok.quant import F32Table, F32Weight, QuantizedWeight8bit, dequantize, to_f32_table, to_f32_weight
 from grok.sharding import Constrain, no_constraint
 
 DTYPE = jnp.bfloat16  # activations ("fprop dtype") of the released model
@@ -45,11 +53,27 @@ def init_memory(config: GrokConfig, batch_size: int, length: int) -> KVMemory:
     )
 
 
-def as_matrix(w: Array | QuantizedWeight8bit, dtype) -> Array:
-    """A float or 8-bit weight as a `dtype` array (8-bit: `dtype(int8) * dtype(scales)`)."""
+def as_matrix(w: Array | QuantizedWeight8bit | F32Weight, dtype) -> Array:
+    """A float or 8-bit weight as a `dtype` array (8-bit: `dtype(int8) * dtype(scales)`).
+
+    An `F32Weight` stays float32 (its values are bf16 already): matmuls with it run in f32.
+    """
+    if isinstance(w, F32Weight):
+        return jnp.swapaxes(w.value_t, -1, -2)
     if isinstance(w, QuantizedWeight8bit):
         return dequantize(w, dtype)
     return w.astype(dtype)
+
+
+def matmul(x: Float[Array, "... d_in"], w: Array | QuantizedWeight8bit | F32Weight) -> Float[Array, "... d_out"]:
+    """`x @ w` as a matmul in x's dtype (bf16), its result rounded to that dtype.
+
+    With an `F32Weight` the product runs in f32 on bf16 values and is rounded to bf16: the same
+    numbers (XLA:CPU computes its bf16 matmuls that way), but much faster on CPU.
+    """
+    if isinstance(w, F32Weight):
+        return ops._f32_rounded_as(ops.matmul_t(x, w.value_t), x.dtype).astype(x.dtype)
+    return x @ as_matrix(w, x.dtype)
 
 
 def _weight(name: str, shape: tuple[int, ...]) -> Array | QuantizedWeight8bit:
@@ -69,7 +93,7 @@ class Linear(hk.Module):
         w = hk.get_parameter(
             "w", (x.shape[-1], self.output_size), jnp.float32, init=hk.initializers.VarianceScaling()
         )
-        return x @ as_matrix(w, x.dtype)
+        return matmul(x, w)
 
 
 class RMSNorm(hk.Module):
@@ -117,21 +141,28 @@ def _write_at(cache: Array, update: Array, step: Int[Array, "b"]) -> Array:
 
 
 class MoELayer(hk.Module):
-    """Router plus experts; every expert is a gated-GELU block with stacked [E, ...] weights."""
+    """Router plus experts; every expert is a gated-GELU block with stacked [E, ...] weights.
 
-    def __init__(self, config: GrokConfig):
+    `impl` is the `grok.ops.moe` strategy; the weights reach it as stored (8-bit, float or
+    `F32Experts`), so a fast strategy dequantizes only the experts it runs. `experts_split` says
+    the expert axis is split over devices (it steers "auto", see `grok.ops.choose_moe_impl`).
+    """
+
+    def __init__(self, config: GrokConfig, impl: str = "auto", experts_split: bool = False):
         super().__init__(name="moe")
         self.config = config
+        self.impl = impl
+        self.experts_split = experts_split
 
     def __call__(
         self, x: Float[Array, "n d"], gates: Float[Array, "n k"], experts: Int[Array, "n k"]
     ) -> Float[Array, "n d"]:
         c = self.config
         e, d, f = c.num_experts, c.emb_size, c.ffn_size
-        w_in = as_matrix(_weight("linear", (e, d, f)), x.dtype)
-        w_gate = as_matrix(_weight("linear_v", (e, d, f)), x.dtype)
-        w_out = as_matrix(_weight("linear_1", (e, f, d)), x.dtype)
-        return ops.moe_all_experts(x, gates, experts, w_in, w_gate, w_out)
+        w_in = _weight("linear", (e, d, f))
+        w_gate = _weight("linear_v", (e, d, f))
+        w_out = _weight("linear_1", (e, f, d))
+        return ops.moe(x, gates, experts, w_in, w_gate, w_out, self.impl, self.experts_split)
 
 
 class Router(hk.Module):
@@ -150,10 +181,12 @@ class Router(hk.Module):
 class DecoderLayer(hk.Module):
     """h + norm(attention(norm(h))), then h + norm(moe(norm(h)))."""
 
-    def __init__(self, config: GrokConfig, constrain: Constrain):
-        super().__init__(name="decoder_layer")
+    def __init__(self, config: GrokConfig, constrain: Constrain, moe_impl: str = "auto", name: str = "decoder_layer"):
+        super().__init__(name=name)
         self.config = config
         self.constrain = constrain
+        self.moe_impl = moe_impl
+        self.experts_split = experts_split(constrain)
 
     def __call__(self, h, positions, mask, k_cache, v_cache, step):
         c = self.config
@@ -162,7 +195,7 @@ class DecoderLayer(hk.Module):
         )
         h = self.constrain(h + RMSNorm(name="rms_norm_1")(attn), "residual")
         x = RMSNorm(name="rms_norm_2")(h).reshape(-1, c.emb_size)
-        moe = MoELayer(c)(x, *Router(c)(x)).reshape(h.shape)
+        moe = MoELayer(c, self.moe_impl, self.experts_split)(x, *Router(c)(x)).reshape(h.shape)
         h = self.constrain(h + RMSNorm(name="rms_norm_3")(moe), "residual")
         return h, k_cache, v_cache
 
@@ -179,12 +212,20 @@ class InOutEmbed(hk.Module):
         return hk.get_parameter("embeddings", shape, jnp.float32, init=hk.initializers.TruncatedNormal(1.0))
 
     def embed(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
-        x = self._embeddings()[tokens].astype(DTYPE)
+        x = _table(self._embeddings())[tokens].astype(DTYPE)
         return x * self.config.embedding_multiplier_scale  # a weakly typed constant: stays bf16
 
     def decode(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
-        logits = h @ self._embeddings().T.astype(h.dtype)
+        table = self._embeddings()
+        if isinstance(table, F32Table):  # bf16 values already: an f32 matmul, rounded to bf16
+            logits = ops._f32_rounded_as(ops.matmul_t(h, table.value), h.dtype).astype(h.dtype)
+        else:
+            logits = h @ table.T.astype(h.dtype)
         return logits * self.config.output_multiplier_scale
+
+
+def _table(embeddings: Array | F32Table) -> Array:
+    return embeddings.value if isinstance(embeddings, F32Table) else embeddings
 
 
 class Output(NamedTuple):
@@ -200,6 +241,8 @@ def forward(
     lengths: Int[Array, "b"] | None = None,
     return_hidden: bool = False,
     constrain: Constrain = no_constraint,
+    moe_impl: str = "auto",
+    scan_layers: bool = True,
 ) -> Output:
     """Run a chunk of tokens through the model (inside `hk.transform`).
 
@@ -223,22 +266,96 @@ def forward(
     tokens = constrain(tokens, "tokens")
     h = constrain(in_out_embed.embed(tokens), "residual")
 
-    def layer(h, k_cache, v_cache):
-        h, k_cache, v_cache = DecoderLayer(config, constrain)(h, positions, mask, k_cache, v_cache, memory.step)
+    def layer(h, k_cache, v_cache, name="decoder_layer"):
+        h, k_cache, v_cache = DecoderLayer(config, constrain, moe_impl, name)(
+            h, positions, mask, k_cache, v_cache, memory.step
+        )
         return h, (k_cache, v_cache, h if return_hidden else None)
 
-    h, (k, v, hidden) = hk.layer_stack(config.num_layers, with_per_layer_inputs=True, name="transformer")(
-        layer
-    )(h, memory.k, memory.v)
+    if scan_layers:
+        h, (k, v, hidden) = hk.layer_stack(config.num_layers, with_per_layer_inputs=True, name="transformer")(
+            layer
+        )(h, memory.k, memory.v)
+    else:  # per-layer parameters `transformer/decoder_layer_{i}/...`, each read in place
+        outputs = []
+        with hk.name_scope("transformer"):
+            for i in range(config.num_layers):
+                h, out = layer(h, memory.k[i], memory.v[i], name=f"decoder_layer_{i}")
+                outputs.append(out)
+        k, v, hidden = (None if outs[0] is None else jnp.stack(outs) for outs in zip(*outputs))
     new_memory = KVMemory(k=k, v=v, mask=key_mask, step=memory.step + lengths)
     logits = constrain(in_out_embed.decode(final_norm(h)), "logits")
     return Output(logits=logits, memory=new_memory, hidden=hidden)
 
 
-def build(config: GrokConfig, return_hidden: bool = False, constrain: Constrain = no_constraint) -> hk.Transformed:
-    """`init(rng, tokens)` and `apply(params, tokens, memory=None, lengths=None)` for `config`."""
+def build(
+    config: GrokConfig,
+    return_hidden: bool = False,
+    constrain: Constrain = no_constraint,
+    moe_impl: str = "auto",
+    scan_layers: bool = True,
+) -> hk.Transformed:
+    """`init(rng, tokens)` and `apply(params, tokens, memory=None, lengths=None)` for `config`.
+
+    - `moe_impl`: "all_experts" (the reference: every expert on every token, whole weights
+      dequantized per call), "ragged" (tokens sorted by expert, each selected expert once on its
+      rows), "gather" (each token-expert pair gathers its expert's weights), or "auto": "gather"
+      for at most num_experts token-expert pairs, else "ragged"; but "all_experts" instead of
+      "ragged" when `constrain` is a `Sharder` whose rules split the expert axis (expert
+      parallelism), where "ragged" would all-gather every expert's weights to every device
+      (`experts_split`, `grok.ops.choose_moe_impl`).
+    - `scan_layers`: one `hk.layer_stack` scan (stacked parameters; compile time independent of
+      depth) or, if False, unrolled layers over the per-layer (checkpoint) tree. Unrolled, every
+      weight is its own buffer: on CPU, XLA copies a scan's slice of the stacked weights before
+      each matmul can use it, which costs more than the matmul. Use with `f32_params` on CPU.
+    """
+    ops.choose_moe_impl(moe_impl, 1, 1, 1)  # an unknown name fails here, not inside a trace
 
     def fn(tokens, memory=None, lengths=None):
-        return forward(config, tokens, memory, lengths, return_hidden, constrain)
+        return forward(config, tokens, memory, lengths, return_hidden, constrain, moe_impl, scan_layers)
 
     return hk.without_apply_rng(hk.transform(fn))
+
+
+_EXPERT_WEIGHT = re.compile(r"(^|/)moe/(linear|linear_v|linear_1)$")
+_EMBEDDINGS = "language_model/in_out_embed"
+
+
+def f32_params(params: dict) -> dict:
+    """The CPU weight format: every 8-bit weight dequantized once to float32 holding its bf16 values,
+    stored transposed (`F32Weight`; expert weights as `F32Experts`, one array per expert), and the
+    embedding table rounded to bf16 once (`F32Table`). The model's numbers do not change.
+
+    Memory: 4 bytes per 8-bit weight instead of 1 (plus no scales); the embedding table stays f32.
+    Speed on XLA:CPU: no int8 conversion per step (about 1 G elements/s on 2 cores, the bound of an
+    int8 decode step), and f32 matmuls that read weights at memory speed. Works on stacked or
+    per-layer trees (use the per-layer one with `build(..., scan_layers=False)`).
+    """
+    out = {}
+    for path, leaves in params.items():
+        out[path] = {}
+        for name, leaf in leaves.items():
+            if _EXPERT_WEIGHT.search(path):
+                out[path][name] = to_f32_weight(leaf, experts_axis=len(leaf.shape) - 3)
+            elif isinstance(leaf, QuantizedWeight8bit):
+                out[path][name] = to_f32_weight(leaf)
+            elif path == _EMBEDDINGS:
+                out[path][name] = to_f32_table(leaf)
+            else:
+                out[path][name] = jnp.asarray(leaf)
+    return out
+
+
+def experts_split(constrain: Constrain) -> bool:
+    """Whether `constrain` is a `grok.sharding.Sharder.constrain` whose rules split the expert axis
+    of the expert weights over more than one device (expert parallelism)."""
+    sharder = getattr(constrain, "__self__", None)
+    rules, mesh = getattr(sharder, "rules", None), getattr(sharder, "mesh", None)
+    if rules is None or mesh is None:
+        return False
+    path = "transformer/decoder_layer/moe/linear/w"
+    rule = next((r for r in rules.params if re.search(r.pattern, path)), None)
+    if rule is None or not len(rule.spec) or rule.spec[0] is None:
+        return False
+    axes = rule.spec[0] if isinstance(rule.spec[0], tuple) else (rule.spec[0],)
+    return math.prod(mesh.shape[a] for a in axes) > 1

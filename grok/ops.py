@@ -5,9 +5,15 @@ Haiku modules in `grok.model` own the parameters and call these; tests call them
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
+
+from grok.quant import F32Experts, QuantizedWeight8bit, dequantize, dequantize_to_f32
+
+MOE_IMPLS = ("auto", "all_experts", "ragged", "gather")
 
 RMS_NORM_EPS = 1e-5
 ATTN_SOFTCAP = 30.0
@@ -87,6 +93,37 @@ def expert_ffn(
     return gated @ w_out.astype(jnp.float32)
 
 
+def expert_ffn_t(
+    x: Float[Array, "n d"],
+    w_in_t: Float[Array, "f d"],
+    w_gate_t: Float[Array, "f d"],
+    w_out_t: Float[Array, "d f"],
+) -> Float[Array, "n d"]:
+    """`expert_ffn` with weights in the CPU format: float32 holding bf16 values, stored transposed
+    [out, in] (`grok.quant.F32Weight`). The same roundings: both input matmuls rounded to x's dtype."""
+    hidden = jax.nn.gelu(_f32_rounded_as(matmul_t(x, w_in_t), x.dtype), approximate=True)
+    gated = hidden * _f32_rounded_as(matmul_t(x, w_gate_t), x.dtype)
+    return matmul_t(gated, w_out_t)
+
+
+# Up to this many rows, XLA:CPU multiplies [out, in] @ x.T (then transposes the small result)
+# faster than x @ [out, in].T; beyond, the other way round (measured on a 2-core x86 machine).
+_FEW_ROWS = 32
+
+
+def matmul_t(x: Float[Array, "... d_in"], w_t: Float[Array, "d_out d_in"]) -> Float[Array, "... d_out"]:
+    """x @ w_t.T in float32 (x is cast exactly), for a weight stored transposed, [out, in]."""
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    contract = (((1,), (1,)), ((), ()))
+    if rows.shape[0] == 1:  # a matrix-vector product: XLA:CPU's own GEMV, which reads w_t at memory speed
+        y = (w_t @ rows[0])[None, :]
+    elif rows.shape[0] <= _FEW_ROWS:
+        y = jax.lax.dot_general(w_t, rows, contract).T
+    else:
+        y = jax.lax.dot_general(rows, w_t, contract)
+    return y.reshape(*x.shape[:-1], w_t.shape[0])
+
+
 def _f32_rounded_as(y: Float[Array, "..."], dtype) -> Float[Array, "..."]:
     """y as float32 holding `dtype` values. A plain `astype` would let XLA fuse the upcast into the
     matmul and skip the bf16 rounding of its output that the released model has."""
@@ -114,3 +151,225 @@ def moe_all_experts(
     )  # [n, e]
     outputs = jax.vmap(expert_ffn, in_axes=(None, 0, 0, 0))(x, w_in, w_gate, w_out)  # [e, n, d]
     return jnp.einsum("ne,end->nd", weights, outputs).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast mixture of experts: only the selected experts run, and only their weights are dequantized.
+# ---------------------------------------------------------------------------------------------
+
+# Stacked expert weights [E, in, out] as the model holds them: 8-bit, float, or the CPU format.
+ExpertWeights = QuantizedWeight8bit | F32Experts | Float[Array, "e n_in n_out"]
+
+
+def num_experts(w: ExpertWeights) -> int:
+    return len(w.values_t) if isinstance(w, F32Experts) else w.shape[0]
+
+
+def choose_moe_impl(
+    impl: str, num_tokens: int, num_selected: int, num_experts: int, experts_split: bool = False
+) -> str:
+    """Resolve "auto" by token count: "gather" while the token-expert pairs are no more than the
+    experts (decoding a few sequences: one batched matmul per weight, no control flow, at most
+    num_experts experts read), else "ragged" (each selected expert read once, however many tokens).
+
+    `experts_split`: the expert axis of the weights is split over devices (expert parallelism).
+    GSPMD partitions "gather" there without moving weights (each device gathers from its own
+    experts, masked, and the outputs are summed), but "ragged" slices one expert at a time, which
+    it can only do by all-gathering every expert's weights to every device; so beyond the gather
+    range "auto" falls back to "all_experts", which keeps each device on its own experts.
+    """
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"unknown moe_impl {impl!r}: expected one of {MOE_IMPLS}")
+    if impl != "auto":
+        return impl
+    if num_tokens * num_selected <= num_experts:
+        return "gather"
+    return "all_experts" if experts_split else "ragged"
+
+
+def moe(
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    w_in: ExpertWeights,
+    w_gate: ExpertWeights,
+    w_out: ExpertWeights,
+    impl: str = "auto",
+    experts_split: bool = False,
+) -> Float[Array, "n d"]:
+    """The mixture output computed by strategy `impl` (see `choose_moe_impl`); all follow the same
+    precision rules, so they agree up to f32 summation order (an occasional last bf16 bit)."""
+    n, k = experts.shape
+    impl = choose_moe_impl(impl, n, k, num_experts(w_in), experts_split)
+    if impl == "all_experts":
+        dense = [_all_expert_matrices(w, x.dtype) for w in (w_in, w_gate, w_out)]
+        return moe_all_experts(x, gates, experts, *dense)
+    if impl == "gather":
+        return moe_gather(x, gates, experts, w_in, w_gate, w_out)
+    return moe_ragged(x, gates, experts, w_in, w_gate, w_out)
+
+
+def moe_ragged(
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    w_in: ExpertWeights,
+    w_gate: ExpertWeights,
+    w_out: ExpertWeights,
+) -> Float[Array, "n d"]:
+    """Token-expert pairs sorted by expert; each expert with tokens runs once, on its own rows.
+
+    Shapes must be static, so an expert with c rows runs on the smallest of a few fixed row counts
+    >= c (`bucket_sizes`), picked by `lax.switch`; an expert with no rows runs nothing, so its
+    weights are neither read nor dequantized. The rows past an expert's own are the next experts'
+    (or zero padding at the end): it computes and writes them too, but every later expert then
+    overwrites its own rows. Stacked weights are indexed by a loop over experts (one compiled
+    expert per row count); `F32Experts` are separate arrays, read in place by an unrolled loop.
+
+    (`jax.lax.ragged_dot` is the natural primitive, but on CPU it lowers to a masked dense
+    product, every row times every expert, so it would run, and be poisoned by, unselected experts.)
+    """
+    n, k = experts.shape
+    d = x.shape[-1]
+    pairs = n * k
+    count = num_experts(w_in)
+    weights = (w_in, w_gate, w_out)
+    flat = experts.reshape(pairs)
+    order = jnp.argsort(flat, stable=True)  # pair slots grouped by expert
+    counts = jnp.sum(jax.nn.one_hot(flat, count, dtype=jnp.int32), axis=0)
+    starts = jnp.cumsum(counts) - counts
+    sizes = bucket_sizes(min(n, pairs))  # a token picks distinct experts: at most n rows each
+    rows = jnp.concatenate([x[order // k], jnp.zeros((sizes[-1], d), x.dtype)])
+    out = jnp.zeros((pairs + sizes[-1], d), jnp.float32)
+    how = _dequantized_as(x)
+
+    def one_expert(e, out):
+        def run(size, out):
+            if size == 0:
+                return out
+            y = _run_expert(jax.lax.dynamic_slice_in_dim(rows, starts[e], size), weights, e, how)
+            return jax.lax.dynamic_update_slice_in_dim(out, y, starts[e], axis=0)
+
+        bucket = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), counts[e])
+        return jax.lax.switch(bucket, [functools.partial(run, size) for size in sizes], out)
+
+    if isinstance(w_in, F32Experts):
+        for e in range(count):
+            out = one_expert(e, out)
+    else:
+        out = jax.lax.fori_loop(0, count, one_expert, out)
+    per_pair = jnp.zeros((pairs, d), jnp.float32).at[order].set(out[:pairs])
+    return _combine(per_pair.reshape(n, k, d), gates, experts).astype(x.dtype)
+
+
+def moe_gather(
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    w_in: ExpertWeights,
+    w_gate: ExpertWeights,
+    w_out: ExpertWeights,
+) -> Float[Array, "n d"]:
+    """Each token-expert pair gathers its expert's weights (8-bit ones dequantized after the gather,
+    so only those) and runs on its own token: n * k experts read, whatever the number of experts.
+
+    `F32Experts` are separate arrays and are not gathered: a loop over the pairs picks each one's
+    expert with `lax.switch`, which reads it in place.
+    """
+    n, k = experts.shape
+    d = x.shape[-1]
+    flat = experts.reshape(n * k)
+    rows = jnp.repeat(x, k, axis=0)[:, None, :]  # [pairs, 1, d]
+    weights = (w_in, w_gate, w_out)
+    how = _dequantized_as(x)
+    if isinstance(w_in, F32Experts):
+        branches = [functools.partial(_run_expert, weights=weights, e=e, how=how) for e in range(num_experts(w_in))]
+
+        def one_pair(p, per_pair):
+            return per_pair.at[p].set(jax.lax.switch(flat[p], branches, rows[p]))
+
+        per_pair = jax.lax.fori_loop(0, n * k, one_pair, jnp.zeros((n * k, 1, d), jnp.float32))
+    else:
+        per_pair = jax.vmap(expert_ffn)(rows, *(_gathered(w, flat, how) for w in weights))
+    return _combine(per_pair.reshape(n, k, d), gates, experts).astype(x.dtype)
+
+
+def bucket_sizes(limit: int) -> tuple[int, ...]:
+    """The row counts an expert may run on: 0, 1, 4, 8, then steps of at most 50% (12, 16, 24, 32,
+    48, ...), and `limit`. Up to 8 rows a matmul is bound by reading the weight, so padding is
+    nearly free (and XLA:CPU multiplies 4 rows faster than 2 or 3); beyond, padding costs compute,
+    on average about a fifth."""
+    sizes = {0, 1, 4, limit}
+    base = 8
+    while base < limit:
+        sizes.update((base, base + base // 2))
+        base *= 2
+    return tuple(sorted(s for s in sizes if s <= limit))
+
+
+def _combine(per_pair: Float[Array, "n k d"], gates: Float[Array, "n k"], experts: Int[Array, "n k"]) -> Float[Array, "n d"]:
+    """sum_j bf16(gate_j) * y_j in f32, added in increasing expert order like the all-experts sum."""
+    by_expert = jnp.argsort(experts, axis=-1)
+    weights = _f32_rounded_as(jnp.take_along_axis(gates, by_expert, axis=-1), jnp.bfloat16)
+    per_pair = jnp.take_along_axis(per_pair, by_expert[..., None], axis=1)
+    total = weights[:, 0, None] * per_pair[:, 0]
+    for j in range(1, per_pair.shape[1]):
+        total = total + weights[:, j, None] * per_pair[:, j]
+    return total
+
+
+# How 8-bit weights are dequantized for a matmul: to the activations' dtype, or (on CPU, with bf16
+# activations) to float32 arrays holding the bf16 values, since XLA:CPU's f32 matmuls are several
+# times faster than its bf16 ones and give the same results for bf16 operands.
+BF16_IN_F32 = "bf16 values in f32"
+
+
+def _dequantized_as(x: Array):
+    """x's dtype, or BF16_IN_F32 for bf16 activations when the default backend is the CPU (a CPU
+    computation traced while an accelerator is the default keeps bf16: correct, only slower)."""
+    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        return BF16_IN_F32
+    return x.dtype
+
+
+def _matmul_weight(w: QuantizedWeight8bit | Array, how) -> Array:
+    """A weight (8-bit or float) as `how` says (a dtype or BF16_IN_F32)."""
+    if how != BF16_IN_F32:
+        return dequantize(w, how) if isinstance(w, QuantizedWeight8bit) else w.astype(how)
+    if isinstance(w, QuantizedWeight8bit):
+        return dequantize_to_f32(w)
+    return _f32_rounded_as(w, jnp.bfloat16)
+
+
+def _run_expert(x: Float[Array, "m d"], weights: tuple, e: int | Int[Array, ""], how) -> Float[Array, "m d"]:
+    """`expert_ffn` of expert e (static, or traced for stacked weights), only its weights dequantized."""
+    if isinstance(weights[0], F32Experts) and how == BF16_IN_F32:
+        return expert_ffn_t(x, *(w.values_t[e] for w in weights))
+    return expert_ffn(x, *(_expert_matrix(w, e, how) for w in weights))
+
+
+def _expert_matrix(w: ExpertWeights, e: int | Int[Array, ""], how) -> Array:
+    """Expert e's [in, out] weight; an 8-bit one dequantized (only this expert's)."""
+    if isinstance(w, F32Experts):  # bf16 values in f32 already, transposed
+        return w.values_t[e].T.astype(_dtype_of(how))
+    if isinstance(w, QuantizedWeight8bit):
+        return _matmul_weight(QuantizedWeight8bit(weight=w.weight[e], scales=w.scales[e]), how)
+    return _matmul_weight(w[e], how)
+
+
+def _gathered(w: ExpertWeights, index: Int[Array, "p"], how) -> Array:
+    """The weights of experts `index`, stacked [p, in, out]; 8-bit ones dequantized after the gather."""
+    if isinstance(w, QuantizedWeight8bit):
+        return _matmul_weight(QuantizedWeight8bit(weight=w.weight[index], scales=w.scales[index]), how)
+    return _matmul_weight(w[index], how)
+
+
+def _all_expert_matrices(w: ExpertWeights, dtype) -> Array:
+    """All experts' weights as one [E, in, out] array: the reference's whole-tensor dequantization."""
+    if isinstance(w, F32Experts):  # bf16 values in f32: the same matmul results as bf16
+        return jnp.stack([jnp.swapaxes(v, -1, -2) for v in w.values_t])
+    return _matmul_weight(w, dtype)
+
+
+def _dtype_of(how) -> jnp.dtype:
+    return jnp.float32 if how == BF16_IN_F32 else how

@@ -35,14 +35,126 @@ class QuantizedWeight8bit:
 
 def dequantize(w: QuantizedWeight8bit, dtype=jnp.bfloat16) -> Shaped[Array, "*e n_in n_out"]:
     """`dtype(weight) * dtype(scales)`, each row block of the input axis with its own scales."""
-    n_in = w.weight.shape[-2]
-    blocks = w.scales.shape[-2]
+    if dtype == jnp.bfloat16:
+        # The bf16 product, computed exactly in f32 and rounded once (`dequantize_to_f32`). A bf16
+        # multiply gives the same numbers, but under jit XLA may drop its rounding when the result
+        # is later cast to f32 (convert pairs are simplified away), as W_linear_1's is.
+        return dequantize_to_f32(w).astype(dtype)
+    return w.weight.astype(dtype) * _row_scales(w.scales.astype(dtype), w.weight.shape[-2])
+
+
+def _row_scales(scales: Array, n_in: int) -> Array:
+    """[..., blocks, out] scales repeated to one row per input row [..., n_in, out].
+
+    Repeating the scales rather than reshaping the weight into blocks keeps the weight's layout, so
+    a weight split over any number of devices dequantizes in place.
+    """
+    blocks = scales.shape[-2]
     if n_in % blocks:
         raise ValueError(f"input size {n_in} is not divisible into {blocks} scale blocks")
-    # Repeat each block's scales over its rows rather than reshaping the weight into blocks: the
-    # weight keeps its layout, so a weight split over any number of devices dequantizes in place.
-    scales = jnp.repeat(w.scales.astype(dtype), n_in // blocks, axis=-2, total_repeat_length=n_in)
-    return w.weight.astype(dtype) * scales
+    return jnp.repeat(scales, n_in // blocks, axis=-2, total_repeat_length=n_in)
+
+
+def dequantize_to_f32(w: QuantizedWeight8bit) -> Shaped[Array, "*e n_in n_out"]:
+    """The bf16 values of `dequantize(w)`, held as float32 (bit for bit the same numbers).
+
+    int8 times a bf16 scale is exact in f32 (at most 16 significant bits), so rounding that product
+    to bf16 once gives exactly bf16's own `bf16(weight) * bf16(scales)`. XLA:CPU runs an f32 matmul
+    of bf16-valued operands several times faster than the bf16 matmul and with the same result.
+    """
+    scales = _row_scales(_round_to_bf16(w.scales), w.weight.shape[-2])
+    return _round_to_bf16(w.weight.astype(jnp.float32) * scales)
+
+
+def _round_to_bf16(x: Array) -> Array:
+    info = jnp.finfo(jnp.bfloat16)
+    return jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class F32Weight:
+    """An 8-bit weight dequantized once, at load time, to float32 values that are exactly its bf16
+    values (`dequantize_to_f32`), stored transposed: `value_t` is [..., out, in].
+
+    This is the CPU format. The model runs its bf16 matmuls with such a weight as f32 matmuls (the
+    same numbers: XLA:CPU computes bf16 matmuls that way), at 4 bytes per weight instead of 1 but
+    with no int8 conversion per step (about 1 G elements/s on 2 cores, slower than reading the
+    f32 copy). Transposed, because XLA:CPU's products of a few rows with an [out, in] weight run
+    two to three times faster than with [in, out] (`grok.ops.matmul_t`).
+    """
+
+    value_t: Shaped[Array, "... n_out n_in"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's own shape [..., in, out] (what Haiku checks)."""
+        *lead, n_out, n_in = self.value_t.shape
+        return (*lead, n_in, n_out)
+
+    @property
+    def dtype(self):
+        return self.value_t.dtype
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class F32Experts:
+    """Stacked expert weights [E, in, out] in the `F32Weight` format, one separate array per expert.
+
+    Separate arrays let a computation read a selected expert in place: on XLA:CPU a slice of a
+    stacked array is copied before a matmul can use it, which would cost more than the matmul.
+    """
+
+    values_t: tuple[Shaped[Array, "... n_out n_in"], ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *lead, n_out, n_in = self.values_t[0].shape
+        return (*lead, len(self.values_t), n_in, n_out)
+
+    @property
+    def dtype(self):
+        return self.values_t[0].dtype
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class F32Table:
+    """The embedding table [V, D] rounded to bf16 values once, kept in float32: both its uses (rows
+    cast to bf16; the tied output projection, a bf16 matmul) only ever see the bf16 values, and the
+    output projection then runs as an f32 matmul with no per-step cast of the table."""
+
+    value: Shaped[Array, "v d"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+
+def to_f32_weight(w: QuantizedWeight8bit | Array, experts_axis: int | None = None) -> F32Weight | F32Experts:
+    """An 8-bit (or float) weight in the CPU format; `experts_axis` splits stacked experts apart.
+
+    Converted one expert at a time, so the peak extra memory is one expert's f32 copy.
+    """
+    if experts_axis is None:
+        return F32Weight(_to_f32_t(w))
+    take = lambda a, e: np.take(a, e, axis=experts_axis) if isinstance(a, np.ndarray) else jnp.take(a, e, axis=experts_axis)
+    return F32Experts(tuple(_to_f32_t(jax.tree.map(lambda a: take(a, e), w)) for e in range(w.shape[experts_axis])))
+
+
+def to_f32_table(embeddings: Array) -> F32Table:
+    return F32Table(_round_to_bf16(jnp.asarray(embeddings)))
+
+
+@jax.jit
+def _to_f32_t(w: QuantizedWeight8bit | Array) -> Array:
+    value = dequantize_to_f32(w) if isinstance(w, QuantizedWeight8bit) else _round_to_bf16(w)
+    return jnp.swapaxes(value, -1, -2)
 
 
 def quantize(value: np.ndarray, blocks: int = 1) -> QuantizedWeight8bit:
