@@ -12,10 +12,9 @@ once by `f32_params`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import math
 import re
+from typing import NamedTuple
 
 import haiku as hk
 import jax
@@ -72,7 +71,7 @@ def matmul(x: Float[Array, "... d_in"], w: Array | QuantizedWeight8bit | F32Weig
     numbers (XLA:CPU computes its bf16 matmuls that way), but much faster on CPU.
     """
     if isinstance(w, F32Weight):
-        return ops._f32_rounded_as(ops.matmul_t(x, w.value_t), x.dtype).astype(x.dtype)
+        return ops.bf16_matmul_t(x, w.value_t)
     return x @ as_matrix(w, x.dtype)
 
 
@@ -218,7 +217,7 @@ class InOutEmbed(hk.Module):
     def decode(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         table = self._embeddings()
         if isinstance(table, F32Table):  # bf16 values already: an f32 matmul, rounded to bf16
-            logits = ops._f32_rounded_as(ops.matmul_t(h, table.value), h.dtype).astype(h.dtype)
+            logits = ops.bf16_matmul_t(h, table.value)
         else:
             logits = h @ table.T.astype(h.dtype)
         return logits * self.config.output_multiplier_scale
@@ -327,8 +326,8 @@ def f32_params(params: dict) -> dict:
     embedding table rounded to bf16 once (`F32Table`). The model's numbers do not change.
 
     Memory: 4 bytes per 8-bit weight instead of 1 (plus no scales); the embedding table stays f32.
-    Speed on XLA:CPU: no int8 conversion per step (about 1 G elements/s on 2 cores, the bound of an
-    int8 decode step), and f32 matmuls that read weights at memory speed. Works on stacked or
+    Speed on XLA:CPU: no int8 conversion per step (at most about 1 G elements/s on 2 cores, the
+    bound of an int8 decode step), and f32 matmuls that read weights at memory speed. Works on stacked or
     per-layer trees (use the per-layer one with `build(..., scan_layers=False)`).
     """
     out = {}

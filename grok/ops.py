@@ -124,6 +124,12 @@ def matmul_t(x: Float[Array, "... d_in"], w_t: Float[Array, "d_out d_in"]) -> Fl
     return y.reshape(*x.shape[:-1], w_t.shape[0])
 
 
+def bf16_matmul_t(x: Float[Array, "... d_in"], w_t: Float[Array, "d_out d_in"]) -> Float[Array, "... d_out"]:
+    """The bf16 matmul `x @ w` for a CPU-format weight (bf16 values in f32, stored transposed):
+    computed in f32, rounded to and returned in x's dtype; the bf16 matmul's numbers."""
+    return _f32_rounded_as(matmul_t(x, w_t), x.dtype).astype(x.dtype)
+
+
 def _f32_rounded_as(y: Float[Array, "..."], dtype) -> Float[Array, "..."]:
     """y as float32 holding `dtype` values. A plain `astype` would let XLA fuse the upcast into the
     matmul and skip the bf16 rounding of its output that the released model has."""
