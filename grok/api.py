@@ -18,7 +18,7 @@ from grok.config import GrokConfig, load_config
 from grok.engine import Engine, Generation, Request
 from grok.loader import load_sharded, place
 from grok.sampling import SamplingParams
-from grok.sharding import Sharder, load_rules, make_mesh
+from grok.sharding import Sharder, single_device
 from grok.tokenizer import SentencePieceTokenizer, Tokenizer
 
 CACHE_BLOCK = 128  # `logits` pads sequences to a multiple of this, so few shapes are compiled
@@ -39,7 +39,7 @@ class Grok:
     ):
         self.config = config
         self.tokenizer = tokenizer
-        self.sharder = sharder or Sharder(load_rules("replicated"), make_mesh(1, 1, jax.devices()[:1]))
+        self.sharder = sharder or single_device()
         shardings = self.sharder.param_shardings(weights.model_shapes(config))
         self.params = jax.tree.map(
             lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s else place(np.asarray(x), s),
@@ -66,7 +66,7 @@ class Grok:
         directory = checkpoint.resolve_checkpoint_dir(directory)  # fail fast, before anything slow
         if isinstance(tokenizer, (str, Path)):
             tokenizer = SentencePieceTokenizer(tokenizer)
-        sharder = sharder or Sharder(load_rules("replicated"), make_mesh(1, 1, jax.devices()[:1]))
+        sharder = sharder or single_device()
         sharder.check_activations(config)
         params = load_sharded(directory, config, sharder, progress=progress)
         return cls(config, params, tokenizer, sharder)

@@ -255,6 +255,11 @@ class Sharder:
 Constrain = Callable[[jax.Array, str], jax.Array]
 
 
+def single_device() -> Sharder:
+    """Everything on the first device: the `replicated` rules on a 1x1 mesh."""
+    return Sharder(load_rules("replicated"), make_mesh(1, 1, jax.devices()[:1]))
+
+
 def no_constraint(x: jax.Array, name: str) -> jax.Array:
     """Stand-in for `Sharder.constrain` when the model runs unsharded."""
     return x
