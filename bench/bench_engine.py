@@ -40,6 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("baseline", "int8", "f32")
+# Bytes per cached key or value element: the reference keeps bf16; the engine's cache on CPU is
+# float32 holding the same bf16 values (`grok.model.cache_dtype`).
+CACHE_BYTES = {"baseline": 2, "int8": 4, "f32": 4}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,7 +110,7 @@ def step_work(config, engine: str, batch: int, tokens: int, cache_len: int) -> d
         experts_read, experts_per_token = e * (1 - (1 - k / e) ** n), k
     weight_bytes = 4 if engine == "f32" else 1
     layer_weights = s["attention"] + experts_read * s["expert"]
-    cache = c.num_layers * batch * cache_len * c.num_kv_heads * c.key_size * 2 * 2  # k and v, bf16
+    cache = c.num_layers * batch * cache_len * c.num_kv_heads * c.key_size * 2 * CACHE_BYTES[engine]  # k and v
     bytes_read = c.num_layers * layer_weights * weight_bytes + 4 * s["embedding"] + cache
     attention_scores = 4 * n * cache_len * c.num_q_heads * c.key_size  # q.k and p.v over the whole cache
     flops = c.num_layers * n * (2 * s["attention"] + 2 * experts_per_token * s["expert"]) + c.num_layers * attention_scores
@@ -232,8 +235,10 @@ def run_engine(args, engine: str) -> dict:
 
     def memory_at(batch: int, filled: int) -> model.KVMemory:
         """A cache whose first `filled` positions hold (random) keys and values of real tokens."""
-        shape = (config.num_layers, batch, args.cache_len, config.num_kv_heads, config.key_size)
-        kv = lambda: jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
+        shape = model.cache_shape(config, batch, args.cache_len)
+        dtype = jnp.bfloat16 if engine == "baseline" else model.cache_dtype()
+        one = lambda shape: jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16).astype(dtype)
+        kv = lambda: one(shape) if engine != "f32" else tuple(one(shape[1:]) for _ in range(config.num_layers))
         mask = np.zeros((batch, args.cache_len), bool)
         mask[:, :filled] = True
         return model.KVMemory(k=kv(), v=kv(), mask=jnp.asarray(mask), step=jnp.full((batch,), filled, jnp.int32))

@@ -43,41 +43,17 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from grok import model
+    from grok.aot import decode_inputs
     from grok.config import PRESETS
     from grok.sharding import Sharder, load_rules, make_mesh
-    from grok.weights import model_shapes
 
     sharder = Sharder(load_rules(args.rules), make_mesh(args.mesh_data, args.mesh_model))
 
-    def abstract_inputs(config):
-        shapes = model_shapes(config)
-        params = jax.tree.map(
-            lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
-            shapes,
-            sharder.param_shardings(shapes),
-        )
-        b, s = args.batch, args.cache_len
-        cache = (config.num_layers, b, s, config.num_kv_heads, config.key_size)
-        per_layer = sharder.activation("kv_cache", cache[1:]).spec
-        kv = NamedSharding(sharder.mesh, PartitionSpec(None, *per_layer) if len(per_layer) else PartitionSpec())
-        rows = sharder.activation("tokens", (b, 1))
-        memory = model.KVMemory(
-            k=jax.ShapeDtypeStruct(cache, jnp.bfloat16, sharding=kv),
-            v=jax.ShapeDtypeStruct(cache, jnp.bfloat16, sharding=kv),
-            mask=jax.ShapeDtypeStruct((b, s), jnp.bool_, sharding=sharder.activation("tokens", (b, s))),
-            step=jax.ShapeDtypeStruct(
-                (b,), jnp.int32, sharding=NamedSharding(sharder.mesh, PartitionSpec(*rows.spec[:1]))
-            ),
-        )
-        return params, jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=rows), memory
-
     def compile_once(num_layers: int) -> tuple[float, float, int]:
         config = PRESETS["grok-1"].replace(num_layers=num_layers)
-        params, token, memory = abstract_inputs(config)
+        params, token, memory = decode_inputs(config, sharder, args.batch, args.cache_len)
         apply = model.build(config, constrain=sharder.constrain).apply
 
         def step(params, token, memory):

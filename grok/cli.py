@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --weight-format -> `Grok(cpu_format=...)`
+WEIGHT_FORMATS = {"auto": None, "int8": False, "cpu": True}
+
+
 def _model_flags() -> argparse.ArgumentParser:
     """Flags shared by the commands that load a model: checkpoint, config, sharding, processes."""
     flags = argparse.ArgumentParser(add_help=False)
@@ -128,6 +132,14 @@ def _model_flags() -> argparse.ArgumentParser:
         help=f"SentencePiece model (default: {DEFAULT_TOKENIZER}; with --prompt-ids, none unless given)",
     )
     flags.add_argument("--config", default="grok-1", help="preset name or JSON config file (default: grok-1)")
+    flags.add_argument(
+        "--weight-format",
+        choices=sorted(WEIGHT_FORMATS),
+        default="auto",
+        help="int8: the released 8-bit weights (for GPU/TPU); cpu: dequantized once to float32 (4x the "
+        "memory, several times faster decoding on CPU, same numbers; one device only); auto (default): "
+        "cpu when running on a single CPU device, else int8",
+    )
     shard = flags.add_argument_group(
         "sharding",
         "A checkpoint is sharded over a (data, model) mesh of every device of every process. The demo "
@@ -188,6 +200,7 @@ def _parse_ids(text: str) -> list[int]:
 def _load_model(args: argparse.Namespace, prompt_ids_given: bool = False) -> Grok:
     """The model the flags describe: a checkpoint (sharded) or the demo, after starting jax.distributed."""
     mesh_shape = parse_mesh(args.mesh) if args.mesh is not None else {}
+    cpu_format = WEIGHT_FORMATS[args.weight_format]
     checkpoint = args.checkpoint
     if checkpoint is None and Path("checkpoints").is_dir():
         checkpoint = find_checkpoint_dir("checkpoints")  # safetensors/, else ckpt-0/, else ckpt/
@@ -208,6 +221,8 @@ def _load_model(args: argparse.Namespace, prompt_ids_given: bool = False) -> Gro
     sharder = Sharder(rules, make_mesh(**mesh_shape)) if rules is not None else None
     if sharder is not None:
         log.info("mesh %s, %d process(es), rules %s", dict(sharder.mesh.shape), jax.process_count(), rules.source)
+        if cpu_format and sharder.mesh.size > 1:
+            raise ValueError(f"--weight-format cpu needs a single device; this mesh has {sharder.mesh.size}")
     if checkpoint is None:
         with tempfile.TemporaryDirectory() as tmp:
             if lead:
@@ -216,12 +231,12 @@ def _load_model(args: argparse.Namespace, prompt_ids_given: bool = False) -> Gro
                     "Grok-shaped model with RANDOM weights (its output is meaningless) and a byte-level tokenizer."
                 )
             directory = write_demo_checkpoint(Path(tmp) / "ckpt-0")
-            return Grok.from_checkpoint(directory, DEMO_CONFIG, ByteTokenizer(), sharder, progress=lead)
+            return Grok.from_checkpoint(directory, DEMO_CONFIG, ByteTokenizer(), sharder, lead, cpu_format)
     tokenizer = args.tokenizer
     if tokenizer is None and not prompt_ids_given:
         tokenizer = DEFAULT_TOKENIZER
     log.info("loading %s with config %s", checkpoint, args.config)
-    return Grok.from_checkpoint(checkpoint, args.config, tokenizer, sharder, progress=lead)
+    return Grok.from_checkpoint(checkpoint, args.config, tokenizer, sharder, lead, cpu_format)
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -155,9 +155,16 @@ class Engine:
         self._thread: threading.Thread | None = None
 
         sharder = grok.sharder
+        shape = model.cache_shape(config, max_batch, self.cache_len)
+
+        def cache() -> model.Cache:  # stacked for scanned layers, else one array per layer
+            if grok.scan_layers:
+                return sharder.zeros_cache(shape, model.cache_dtype())
+            return tuple(sharder.zeros_cache(shape[1:], model.cache_dtype()) for _ in range(config.num_layers))
+
         self._memory = model.KVMemory(
-            k=sharder.zeros_cache(config, max_batch, self.cache_len),
-            v=sharder.zeros_cache(config, max_batch, self.cache_len),
+            k=cache(),
+            v=cache(),
             mask=sharder.put(np.zeros((max_batch, self.cache_len), bool), "tokens"),
             step=sharder.put(np.zeros((max_batch, 1), np.int32), "tokens")[:, 0],
         )
@@ -405,19 +412,22 @@ def _choose(logits, positions, settings):
 def _prefill_slot(apply, params, memory, slot, tokens, length, reset, settings):
     """Run a prompt chunk for one cache row (emptied first when `reset`) and sample after it."""
 
-    def row(x, axis):
-        return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=axis)
+    # The batch axis of every cache array: after the layer axis (stacked caches), else first;
+    # mask [b, s] and step [b] have it first.
+    def batch_axis(x):
+        return max(x.ndim - 4, 0)
 
-    mine = model.KVMemory(k=row(memory.k, 1), v=row(memory.v, 1), mask=row(memory.mask, 0), step=row(memory.step, 0))
+    def row(x):
+        return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=batch_axis(x))
+
+    def put(x, new_row):
+        return jax.lax.dynamic_update_slice_in_dim(x, new_row, slot, axis=batch_axis(x))
+
+    mine = jax.tree.map(row, memory)
     mine = mine._replace(mask=jnp.where(reset, False, mine.mask), step=jnp.where(reset, 0, mine.step))
     out = apply(params, tokens, mine, length[None])
     new = out.memory
-    memory = model.KVMemory(
-        k=jax.lax.dynamic_update_slice_in_dim(memory.k, new.k, slot, axis=1),
-        v=jax.lax.dynamic_update_slice_in_dim(memory.v, new.v, slot, axis=1),
-        mask=jax.lax.dynamic_update_slice_in_dim(memory.mask, new.mask, slot, axis=0),
-        step=jax.lax.dynamic_update_slice_in_dim(memory.step, new.step, slot, axis=0),
-    )
+    memory = jax.tree.map(put, memory, new)
     last = jax.lax.dynamic_index_in_dim(out.logits[0], length - 1, keepdims=True)
     return _choose(last, new.step, settings), memory
 

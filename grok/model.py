@@ -29,24 +29,46 @@ from grok.sharding import Constrain, no_constraint
 DTYPE = jnp.bfloat16  # activations ("fprop dtype") of the released model
 
 
+# Every layer's keys (or values): stacked [layers, b, kv, s, d] for the scanned layers, or a tuple
+# of per-layer [b, kv, s, d] arrays for unrolled ones, each then written and read in place.
+Cache = Float[Array, "layers b kv s d"] | tuple[Float[Array, "b kv s d"], ...]
+
+
 class KVMemory(NamedTuple):
     """Key/value cache for all layers: `step[b]` tokens of sequence b are written so far.
 
     `mask[b, s]` is False where position s holds a pad token (never attended to as a key).
     """
 
-    k: Float[Array, "layers b s kv d"]
-    v: Float[Array, "layers b s kv d"]
+    k: Cache
+    v: Cache
     mask: Bool[Array, "b s"]
     step: Int[Array, "b"]
 
 
-def init_memory(config: GrokConfig, batch_size: int, length: int) -> KVMemory:
-    """An empty cache of `length` positions for `batch_size` sequences."""
-    shape = (config.num_layers, batch_size, length, config.num_kv_heads, config.key_size)
+def cache_shape(config: GrokConfig, batch_size: int, length: int) -> tuple[int, int, int, int, int]:
+    """[layers, b, kv heads, positions, head size]: each head's keys (or values) are contiguous,
+    laid out as the attention products read them, so no step transposes the cache."""
+    return (config.num_layers, batch_size, config.num_kv_heads, length, config.key_size)
+
+
+def cache_dtype() -> jnp.dtype:
+    """bf16 (the released model's), except on a CPU backend: float32 holding the same bf16 values,
+    so attention reads the cache as it is instead of converting all of it every step (XLA:CPU has
+    no fast bf16 matmul). Twice the cache memory; the same numbers (`grok.ops.attention`)."""
+    return jnp.float32 if jax.default_backend() == "cpu" else DTYPE
+
+
+def init_memory(config: GrokConfig, batch_size: int, length: int, stacked: bool = True) -> KVMemory:
+    """An empty cache of `length` positions for `batch_size` sequences; `stacked` for scanned
+    layers, else one array per layer (`Cache`)."""
+    shape = cache_shape(config, batch_size, length)
+    zeros = (lambda: jnp.zeros(shape, cache_dtype())) if stacked else (
+        lambda: tuple(jnp.zeros(shape[1:], cache_dtype()) for _ in range(config.num_layers))
+    )
     return KVMemory(
-        k=jnp.zeros(shape, DTYPE),
-        v=jnp.zeros(shape, DTYPE),
+        k=zeros(),
+        v=zeros(),
         mask=jnp.zeros((batch_size, length), bool),
         step=jnp.zeros((batch_size,), jnp.int32),
     )
@@ -114,10 +136,11 @@ class MultiHeadAttention(hk.Module):
         x: Float[Array, "b t d"],
         positions: Int[Array, "b t"],
         mask: Bool[Array, "b t s"],
-        k_cache: Float[Array, "b s kv hd"],
-        v_cache: Float[Array, "b s kv hd"],
-        step: Int[Array, "b"],
-    ) -> tuple[Float[Array, "b t d"], Float[Array, "b s kv hd"], Float[Array, "b s kv hd"]]:
+        memory: KVMemory,
+        layer: int | Int[Array, ""],
+    ) -> tuple[Float[Array, "b t d"], KVMemory]:
+        """Attend from x's tokens over layer `layer` of the cache, after writing their keys and
+        values there (each row at its own offset `memory.step[b]`); returns the updated cache."""
         c = self.config
         b, t, _ = x.shape
         def project(name: str, heads: int) -> Array:
@@ -127,16 +150,29 @@ class MultiHeadAttention(hk.Module):
         q = ops.apply_rope(project("query", c.num_q_heads), positions)
         k = ops.apply_rope(project("key", c.num_kv_heads), positions)
         v = project("value", c.num_kv_heads)
-        k_cache = self.constrain(_write_at(k_cache, k.astype(k_cache.dtype), step), "kv_cache")
-        v_cache = self.constrain(_write_at(v_cache, v.astype(v_cache.dtype), step), "kv_cache")
-        out = self.constrain(ops.attention(q, k_cache, v_cache, mask, c.attn_output_multiplier), "heads")
+        memory = memory._replace(
+            k=_write_layer(memory.k, k, layer, memory.step), v=_write_layer(memory.v, v, layer, memory.step)
+        )
+        k_layer, v_layer = (self.constrain(cache[layer], "kv_cache") for cache in (memory.k, memory.v))
+        out = self.constrain(ops.attention(q, k_layer, v_layer, mask, c.attn_output_multiplier), "heads")
         out = Linear(c.emb_size, name="linear")(out.reshape(b, t, c.num_q_heads * c.key_size))
-        return out, k_cache, v_cache
+        return out, memory
 
 
-def _write_at(cache: Array, update: Array, step: Int[Array, "b"]) -> Array:
-    """Write `update` [b, t, ...] into `cache` [b, s, ...] at row b's offset step[b]."""
-    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(cache, update, step)
+def _write_at(x: Array, update: Array, step: Int[Array, "b"]) -> Array:
+    """Write `update` [b, t, ...] into `x` [b, s, ...] at row b's offset step[b]."""
+    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(x, update, step)
+
+
+def _write_layer(cache: Cache, update: Float[Array, "b t kv d"], layer: int | Int[Array, ""], step: Int[Array, "b"]) -> Cache:
+    """Write one layer's new keys (or values) into the cache in place: row b at offset step[b].
+    Positions past the cache's end are dropped."""
+    b, t = update.shape[:2]
+    rows, positions = jnp.arange(b)[:, None], step[:, None] + jnp.arange(t)[None, :]
+    if isinstance(cache, tuple):
+        written = cache[layer].at[rows, :, positions].set(update.astype(cache[layer].dtype), mode="drop")
+        return cache[:layer] + (written,) + cache[layer + 1 :]
+    return cache.at[layer, rows, :, positions].set(update.astype(cache.dtype), mode="drop")
 
 
 class MoELayer(hk.Module):
@@ -187,16 +223,14 @@ class DecoderLayer(hk.Module):
         self.moe_impl = moe_impl
         self.experts_split = experts_split(constrain)
 
-    def __call__(self, h, positions, mask, k_cache, v_cache, step):
+    def __call__(self, h, positions, mask, memory: KVMemory, layer):
         c = self.config
-        attn, k_cache, v_cache = MultiHeadAttention(c, self.constrain)(
-            RMSNorm(name="rms_norm")(h), positions, mask, k_cache, v_cache, step
-        )
+        attn, memory = MultiHeadAttention(c, self.constrain)(RMSNorm(name="rms_norm")(h), positions, mask, memory, layer)
         h = self.constrain(h + RMSNorm(name="rms_norm_1")(attn), "residual")
         x = RMSNorm(name="rms_norm_2")(h).reshape(-1, c.emb_size)
         moe = MoELayer(c, self.moe_impl, self.experts_split)(x, *Router(c)(x)).reshape(h.shape)
         h = self.constrain(h + RMSNorm(name="rms_norm_3")(moe), "residual")
-        return h, k_cache, v_cache
+        return h, memory
 
 
 class InOutEmbed(hk.Module):
@@ -252,7 +286,7 @@ def forward(
     """
     b, t = tokens.shape
     if memory is None:
-        memory = init_memory(config, b, t)
+        memory = init_memory(config, b, t, stacked=scan_layers)
     if lengths is None:
         lengths = jnp.full((b,), t, jnp.int32)
     positions = memory.step[:, None] + jnp.arange(t)[None, :]
@@ -265,24 +299,25 @@ def forward(
     tokens = constrain(tokens, "tokens")
     h = constrain(in_out_embed.embed(tokens), "residual")
 
-    def layer(h, k_cache, v_cache, name="decoder_layer"):
-        h, k_cache, v_cache = DecoderLayer(config, constrain, moe_impl, name)(
-            h, positions, mask, k_cache, v_cache, memory.step
-        )
-        return h, (k_cache, v_cache, h if return_hidden else None)
+    def layer(carry, index, name="decoder_layer"):
+        h, memory = carry
+        h, memory = DecoderLayer(config, constrain, moe_impl, name)(h, positions, mask, memory, index)
+        return (h, memory), (h if return_hidden else None)
 
+    # The cache travels through the layers whole; each layer writes its rows in place.
+    carry = (h, memory)
     if scan_layers:
-        h, (k, v, hidden) = hk.layer_stack(config.num_layers, with_per_layer_inputs=True, name="transformer")(
-            layer
-        )(h, memory.k, memory.v)
+        stack = hk.layer_stack(config.num_layers, with_per_layer_inputs=True, name="transformer")
+        carry, hidden = stack(layer)(carry, jnp.arange(config.num_layers))
     else:  # per-layer parameters `transformer/decoder_layer_{i}/...`, each read in place
         outputs = []
         with hk.name_scope("transformer"):
             for i in range(config.num_layers):
-                h, out = layer(h, memory.k[i], memory.v[i], name=f"decoder_layer_{i}")
+                carry, out = layer(carry, i, name=f"decoder_layer_{i}")
                 outputs.append(out)
-        k, v, hidden = (None if outs[0] is None else jnp.stack(outs) for outs in zip(*outputs))
-    new_memory = KVMemory(k=k, v=v, mask=key_mask, step=memory.step + lengths)
+        hidden = jnp.stack(outputs) if return_hidden else None
+    h, memory = carry
+    new_memory = memory._replace(mask=key_mask, step=memory.step + lengths)
     logits = constrain(in_out_embed.decode(final_norm(h)), "logits")
     return Output(logits=logits, memory=new_memory, hidden=hidden)
 

@@ -46,22 +46,40 @@ def apply_rope(x: Float[Array, "b t h d"], positions: Int[Array, "b t"]) -> Floa
 
 def attention(
     q: Float[Array, "b t h d"],
-    k: Float[Array, "b s kv d"],
-    v: Float[Array, "b s kv d"],
+    k: Float[Array, "b kv s d"],
+    v: Float[Array, "b kv s d"],
     mask: Bool[Array, "b t s"],
     multiplier: float,
 ) -> Float[Array, "b t h d"]:
-    """Grouped-query attention with Grok's soft-capped logits; query head h reads kv head h // G."""
+    """Grouped-query attention with Grok's soft-capped logits; query head h reads kv head h // G.
+
+    Both products are matmuls in q's dtype (for bf16: bf16 results of f32 sums). A float32 cache
+    under bf16 queries (the CPU format: it holds bf16 values) runs them as f32 matmuls rounded to
+    bf16: the same numbers, without converting the cache, which XLA:CPU would do every step.
+    """
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
+    per_head = ((0, 1), (0, 1))
+    logits = _product_as(q.dtype, q, k, (((3,), (3,)), per_head)).reshape(b, kv, t, g, s)
     logits = logits * multiplier
     logits = ATTN_SOFTCAP * jnp.tanh(logits / ATTN_SOFTCAP)
-    logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    logits = jnp.where(mask[:, None, :, None, :], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).reshape(b, kv, t * g, s)
+    out = _product_as(q.dtype, probs, v, (((3,), (2,)), per_head)).astype(q.dtype)
+    return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+
+
+def _product_as(dtype, a: Array, b: Array, dimension_numbers) -> Float[Array, "..."]:
+    """`dot_general` of a and b in `dtype`, as float32 holding its `dtype` result (rounded even
+    where XLA would keep the f32 sum because the consumer upcasts). A float32 `b` under a narrower
+    `dtype` holds `dtype` values: the product then runs in f32 on the same numbers."""
+    if b.dtype == dtype:
+        a = a.astype(dtype)
+    else:
+        a, b = _f32_rounded_as(a, dtype), b.astype(jnp.float32)
+    return _f32_rounded_as(jax.lax.dot_general(a, b, dimension_numbers), dtype)
 
 
 def attention_mask(

@@ -36,7 +36,7 @@ ACTIVATIONS = {
     "tokens": "[batch, time]",
     "residual": "[batch, time, emb]",
     "heads": "[batch, time, heads, head_size] (queries, keys, values and attention output)",
-    "kv_cache": "[batch, cache_len, kv_heads, head_size] (one layer's keys or values)",
+    "kv_cache": "[batch, kv_heads, cache_len, head_size] (one layer's keys or values)",
     "logits": "[batch, time, vocab]",
 }
 
@@ -219,7 +219,7 @@ class Sharder:
         shapes = {
             "residual": (1, 1, c.emb_size),
             "heads": (1, 1, c.num_kv_heads, c.key_size),
-            "kv_cache": (1, 1, c.num_kv_heads, c.key_size),
+            "kv_cache": (1, c.num_kv_heads, 1, c.key_size),
             "logits": (1, 1, c.vocab_size),
         }
         self.activation("heads", (1, 1, c.num_q_heads, c.key_size))
@@ -240,13 +240,17 @@ class Sharder:
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, self.activation(name, x.shape), lambda index: x[index])
 
-    def zeros_cache(self, config, batch_size: int, length: int) -> jax.Array:
-        """An all-layer key or value cache [layers, b, s, kv, d] of zeros, laid out as `kv_cache`."""
-        shape = (config.num_layers, batch_size, length, config.num_kv_heads, config.key_size)
+    def cache_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        """The layout of one layer's key or value cache [b, kv, s, d] (`grok.model.cache_shape`), or
+        of all layers' stacked [layers, b, kv, s, d]: every layer laid out as `kv_cache`."""
         spec = self.rules.activations["kv_cache"]
-        per_layer = self._named(spec, shape[1:], "activation 'kv_cache'")
-        sharding = NamedSharding(self.mesh, PartitionSpec(None, *per_layer.spec) if len(spec) else PartitionSpec())
-        return jax.jit(lambda: jnp.zeros(shape, jnp.bfloat16), out_shardings=sharding)()
+        per_layer = self._named(spec, shape[-4:], "activation 'kv_cache'")
+        stacked = len(shape) - 4
+        return NamedSharding(self.mesh, PartitionSpec(*[None] * stacked, *per_layer.spec) if len(spec) else PartitionSpec())
+
+    def zeros_cache(self, shape: tuple[int, ...], dtype=jnp.bfloat16) -> jax.Array:
+        """A key or value cache of zeros, made in place on its devices (`cache_sharding`)."""
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding(shape))()
 
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())

@@ -15,9 +15,15 @@ PROMPTS = [[70 + i for i in range(n)] for n in (3, 11, 6, 17)]
 
 
 @pytest.fixture(scope="module")
-def grok():
-    params = weights.stack_layers(weights.random_params(CONFIG, 5), CONFIG.num_layers)
-    return Grok(CONFIG, params, ByteTokenizer())
+def params():
+    return weights.stack_layers(weights.random_params(CONFIG, 5), CONFIG.num_layers)
+
+
+# Every test runs on both weight formats: 8-bit with scanned layers (the accelerator path) and the
+# CPU format (f32 weights, unrolled layers, one cache array per layer).
+@pytest.fixture(scope="module", params=[False, True], ids=["int8", "cpu_format"])
+def grok(request, params):
+    return Grok(CONFIG, params, ByteTokenizer(), cpu_format=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +91,12 @@ def test_stop_strings_end_the_text_before_them(engine):
     assert streamed[-1].finish_reason == "stop"
 
 
-def test_eos_ends_a_request(grok):
-    params = dict(grok.params)
+def test_eos_ends_a_request(grok, params):
+    params = dict(params)
     embeddings = np.array(params["language_model/in_out_embed"]["embeddings"])
     embeddings[CONFIG.eos_token] *= 100  # EOS becomes the greedy choice
     params["language_model/in_out_embed"] = {"embeddings": embeddings}
-    engine = Engine(Grok(CONFIG, params, ByteTokenizer()), max_batch=1, cache_len=32)
+    engine = Engine(Grok(CONFIG, params, ByteTokenizer(), cpu_format=not grok.scan_layers), max_batch=1, cache_len=32)
     result = engine.generate([Request(PROMPTS[0], max_tokens=8, sampling=GREEDY)])[0]
     assert result.token_ids == [CONFIG.eos_token] and result.finish_reason == "eos" and result.text == ""
 

@@ -12,8 +12,15 @@ CONFIG = PRESETS["tiny"]
 
 
 @pytest.fixture(scope="module")
-def grok():
-    return Grok(CONFIG, weights.stack_layers(weights.random_params(CONFIG, 3), CONFIG.num_layers))
+def params():
+    return weights.stack_layers(weights.random_params(CONFIG, 3), CONFIG.num_layers)
+
+
+# 8-bit weights with scanned layers and a stacked cache, and the CPU format (f32 weights, unrolled
+# layers, one cache array per layer).
+@pytest.fixture(scope="module", params=[False, True], ids=["int8", "cpu_format"])
+def grok(request, params):
+    return Grok(CONFIG, params, cpu_format=request.param)
 
 
 def test_cached_decode_equals_full_forward(grok):
@@ -22,10 +29,11 @@ def test_cached_decode_equals_full_forward(grok):
     sequence = rng.integers(3, CONFIG.vocab_size, size=20)
     full = grok.logits(sequence)
 
-    apply = jax.jit(model.build(CONFIG).apply)
+    apply = jax.jit(grok.apply)
     prompt = np.zeros((1, 16), np.int32)
     prompt[0, :12] = sequence[:12]
-    out = apply(grok.params, jnp.asarray(prompt), model.init_memory(CONFIG, 1, 32), jnp.asarray([12]))
+    memory = model.init_memory(CONFIG, 1, 32, stacked=grok.scan_layers)
+    out = apply(grok.params, jnp.asarray(prompt), memory, jnp.asarray([12]))
     cached = [np.asarray(out.logits[0, :12], np.float32)]
     memory = out.memory
     for t in range(12, 20):
@@ -73,8 +81,8 @@ def test_top_k_and_top_p_stay_in_the_allowed_set():
     np.testing.assert_array_equal(greedy, np.argmax(logits, -1))
 
 
-def test_generation_stops_at_eos(grok):
-    forced = dict(grok.params)
+def test_generation_stops_at_eos(params):
+    forced = dict(params)
     embed = np.array(forced["language_model/in_out_embed"]["embeddings"])
     embed[CONFIG.eos_token] *= 100  # make EOS overwhelmingly likely
     forced["language_model/in_out_embed"] = {"embeddings": jnp.asarray(embed)}

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from grok import model
+from grok.aot import decode_inputs
 from grok.config import PRESETS
 from grok.quant import QuantizedWeight8bit
 from grok.sharding import Sharder, load_rules, make_mesh
@@ -167,35 +168,6 @@ def layer_param_bytes(shapes, shardings) -> int:
     return per_device_bytes(layers, layer_shardings) // GROK1.num_layers
 
 
-def cache_sharding(s: Sharder, shape: tuple[int, ...]) -> NamedSharding:
-    """The stacked [layers, b, s, kv, d] cache laid out as the per-layer `kv_cache` activation."""
-    per_layer = s.activation("kv_cache", shape[1:])
-    spec = PartitionSpec(None, *per_layer.spec) if len(per_layer.spec) else PartitionSpec()
-    return NamedSharding(s.mesh, spec)
-
-
-def abstract_decode_inputs(s: Sharder, num_layers: int, batch: int, cache_len: int):
-    """(params, token, memory) as ShapeDtypeStructs carrying their shardings."""
-    config = GROK1.replace(num_layers=num_layers)
-    shapes = grok1_shapes(num_layers)
-    params = jax.tree.map(
-        lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
-        shapes,
-        s.param_shardings(shapes),
-    )
-    cache = (num_layers, batch, cache_len, config.num_kv_heads, config.key_size)
-    kv = cache_sharding(s, cache)
-    rows = s.activation("tokens", (batch, 1))
-    memory = model.KVMemory(
-        k=jax.ShapeDtypeStruct(cache, jnp.bfloat16, sharding=kv),
-        v=jax.ShapeDtypeStruct(cache, jnp.bfloat16, sharding=kv),
-        mask=jax.ShapeDtypeStruct((batch, cache_len), jnp.bool_, sharding=s.activation("tokens", (batch, cache_len))),
-        step=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(s.mesh, PartitionSpec(rows.spec[0]))),
-    )
-    token = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=rows)
-    return config, params, token, memory
-
-
 @functools.cache
 def compiled_decode(rules: str, num_layers: int):
     """AOT-compiled decode step (`grok.api` feeds one token per row), memory donated as in the API.
@@ -203,7 +175,8 @@ def compiled_decode(rules: str, num_layers: int):
     Returns (compiled, compile seconds, the abstract memory it was compiled for).
     """
     s = sharder(rules)
-    config, params, token, memory = abstract_decode_inputs(s, num_layers, DECODE_BATCH, DECODE_CACHE_LEN)
+    config = GROK1.replace(num_layers=num_layers)
+    params, token, memory = decode_inputs(config, s, DECODE_BATCH, DECODE_CACHE_LEN)
     apply = model.build(config, constrain=s.constrain).apply
 
     def step(params, token, memory):
@@ -357,14 +330,15 @@ def test_replicated_holds_the_whole_model_on_every_device():
 
 def test_full_context_kv_cache_bytes_per_device():
     s = sharder("tensor_parallel")
-    layer_shape = (1, GROK1.sequence_len, GROK1.num_kv_heads, GROK1.key_size)  # [1, 8192, 8, 128]
+    full_shape = model.cache_shape(GROK1, 1, GROK1.sequence_len)
+    layer_shape = full_shape[1:]
+    assert layer_shape == (1, 8, 8192, 128)  # [b, kv heads, positions, head size]
     per_layer = s.activation("kv_cache", layer_shape).shard_shape(layer_shape)
-    assert per_layer == (1, 8192, 1, 128)
+    assert per_layer == (1, 1, 8192, 128)
     assert nbytes(per_layer, jnp.bfloat16) == KV_LAYER_BYTES_PER_DEVICE
 
     # The engine's own cache constructor, compiled but never run: its output layout and size.
-    compiled = jax.jit(lambda: s.zeros_cache(GROK1, 1, GROK1.sequence_len)).lower().compile()
-    full_shape = (GROK1.num_layers, *layer_shape)
+    compiled = jax.jit(lambda: s.zeros_cache(full_shape)).lower().compile()
     keys = nbytes(compiled.output_shardings.shard_shape(full_shape), jnp.bfloat16)
     assert 2 * keys == KV_BYTES_PER_DEVICE  # keys, then values of the same layout
     stats = compiled.memory_analysis()

@@ -32,7 +32,14 @@ def bf16(x) -> np.ndarray:
 
 # The ops run jitted, as in the engine (and eager op-by-op dispatch would make the file slow).
 apply_rope = jax.jit(ops.apply_rope)
-attention = jax.jit(ops.attention, static_argnums=4)
+_attention = jax.jit(ops.attention, static_argnums=4)
+
+
+def attention(q, k, v, mask, multiplier):
+    """`ops.attention` with keys and values given as [b, s, kv, d] (the oracle's layout)."""
+    return _attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, multiplier)
+
+
 attention_mask = jax.jit(ops.attention_mask)
 route = jax.jit(ops.route, static_argnums=2)
 expert_ffn = jax.jit(ops.expert_ffn)
@@ -282,6 +289,23 @@ def test_attention_grouped_query_head_uses_kv_head_h_div_g():
     assert np.all(got[0, :, :3] < 50) and np.all(got[0, :, 3:] > 50)
     modulo = np_attention(q, k, v, mask, 0.5, kv_of_head=lambda h, kv, g: h % kv)
     assert np.abs(modulo - expected).max() > 50
+
+
+def test_attention_f32_cache_of_bf16_values_gives_the_bf16_numbers():
+    """bf16 queries over a float32 cache holding bf16 values (the CPU format) = over the bf16 cache
+    (up to f32 summation order); the control shows both round the products to bf16 (GROK1.md: the
+    logits are a bf16 einsum), which XLA:CPU skips unless told, and plain f32 math does not."""
+    rng = np.random.default_rng(9)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 4, 16)) * 3, jnp.bfloat16) for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]
+    mask = jnp.asarray(np.tril(np.ones((5, 5), bool))[None].repeat(2, 0))
+    bf16_cache = f32(attention(q, k, v, mask, 0.25))
+    f32_cache = f32(attention(q, k.astype(jnp.float32), v.astype(jnp.float32), mask, 0.25))
+    assert np.abs(f32_cache - bf16_cache).max() <= 2 ** -7 * np.abs(bf16_cache).max()
+    assert np.mean(f32_cache == bf16_cache) > 0.99
+    unrounded = f32(attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask, 0.25))
+    assert np.mean(unrounded == bf16_cache) < 0.5
+    assert np.abs(unrounded - bf16_cache).max() > 10 * np.abs(f32_cache - bf16_cache).max()
 
 
 # ---------------------------------------------------------------------------------------------

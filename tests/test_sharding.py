@@ -51,8 +51,8 @@ def cached_logits(sharder, params, tokens, prompt_len=12):
     b, t = tokens.shape
     put = sharder.put
     memory = model.KVMemory(
-        k=sharder.zeros_cache(CONFIG, b, 32),
-        v=sharder.zeros_cache(CONFIG, b, 32),
+        k=sharder.zeros_cache(model.cache_shape(CONFIG, b, 32)),
+        v=sharder.zeros_cache(model.cache_shape(CONFIG, b, 32)),
         mask=put(np.zeros((b, 32), bool), "tokens"),
         step=jnp.zeros((b,), jnp.int32),
     )

@@ -1,0 +1,37 @@
+"""Abstract inputs for compiling the model ahead of time: shapes, dtypes and shardings of the
+parameters and of a decode step's token and cache, with no array allocated. Used to check a real
+configuration (memory per device, compile time, communication) on a development machine."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from grok import model
+from grok.config import GrokConfig
+from grok.sharding import Sharder
+from grok.weights import model_shapes
+
+
+def decode_inputs(
+    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, cache_dtype=model.DTYPE
+) -> tuple[dict, jax.ShapeDtypeStruct, model.KVMemory]:
+    """(params, token [batch, 1], memory) of a decode step as ShapeDtypeStructs carrying the
+    shardings `sharder` gives them; the cache is bf16, as on an accelerator, unless told."""
+    shapes = model_shapes(config)
+    params = jax.tree.map(
+        lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
+        shapes,
+        sharder.param_shardings(shapes),
+    )
+    cache = model.cache_shape(config, batch, cache_len)
+    kv = sharder.cache_sharding(cache)
+    rows = sharder.activation("tokens", (batch, 1))
+    memory = model.KVMemory(
+        k=jax.ShapeDtypeStruct(cache, cache_dtype, sharding=kv),
+        v=jax.ShapeDtypeStruct(cache, cache_dtype, sharding=kv),
+        mask=jax.ShapeDtypeStruct((batch, cache_len), jnp.bool_, sharding=sharder.activation("tokens", (batch, cache_len))),
+        step=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(sharder.mesh, PartitionSpec(*rows.spec[:1]))),
+    )
+    return params, jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=rows), memory
