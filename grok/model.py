@@ -318,6 +318,7 @@ def forward(
         hidden = jnp.stack(outputs) if return_hidden else None
     h, memory = carry
     new_memory = memory._replace(mask=key_mask, step=memory.step + lengths)
+    h = constrain(h, "residual")  # else the D-split unembedding pulls the layers' carry onto `model`
     logits = constrain(in_out_embed.decode(final_norm(h)), "logits")
     return Output(logits=logits, memory=new_memory, hidden=hidden)
 

@@ -99,16 +99,23 @@ def route(
     return jax.lax.top_k(probs, num_selected)
 
 
+def expert_hidden(
+    x: Float[Array, "n d"], w_in: Float[Array, "d f"], w_gate: Float[Array, "d f"]
+) -> Float[Array, "n f"]:
+    """One expert's gated hidden activations gelu(x @ W_linear) * (x @ W_linear_v), in f32 (both
+    matmul outputs rounded to x's dtype first)."""
+    hidden = jax.nn.gelu(_f32_rounded_as(x @ w_in, x.dtype), approximate=True)
+    return hidden * _f32_rounded_as(x @ w_gate, x.dtype)
+
+
 def expert_ffn(
     x: Float[Array, "n d"],
     w_in: Float[Array, "d f"],
     w_gate: Float[Array, "d f"],
     w_out: Float[Array, "f d"],
 ) -> Float[Array, "n d"]:
-    """One expert: gelu(x @ W_linear) * (x @ W_linear_v) in f32, then an f32 matmul with W_linear_1."""
-    hidden = jax.nn.gelu(_f32_rounded_as(x @ w_in, x.dtype), approximate=True)
-    gated = hidden * _f32_rounded_as(x @ w_gate, x.dtype)
-    return gated @ w_out.astype(jnp.float32)
+    """One expert: `expert_hidden` (f32), then an f32 matmul with W_linear_1."""
+    return expert_hidden(x, w_in, w_gate) @ w_out.astype(jnp.float32)
 
 
 def expert_ffn_t(
@@ -166,6 +173,11 @@ def moe_all_experts(
     """Mixture output as the reference computes it: every expert on every token, weighted by its gate.
 
     Unselected experts get weight 0; the gate is rounded to bf16 and products accumulate in f32.
+    The gate scales each expert's f32 hidden activations before the W_linear_1 matmul, and one
+    contraction over experts and F together gives the output (the same sum in f32, associated
+    differently from gate * (hidden @ W_linear_1): an occasional last bf16 bit). So with F split
+    over devices (tensor parallelism) the only partial sum to all-reduce is the [n, d] output,
+    not every expert's [e, n, d] one.
     """
     num_experts = w_in.shape[0]
     weights = jnp.sum(
@@ -173,8 +185,9 @@ def moe_all_experts(
         * gates.astype(jnp.bfloat16).astype(jnp.float32)[..., None],
         axis=-2,
     )  # [n, e]
-    outputs = jax.vmap(expert_ffn, in_axes=(None, 0, 0, 0))(x, w_in, w_gate, w_out)  # [e, n, d]
-    return jnp.einsum("ne,end->nd", weights, outputs).astype(x.dtype)
+    hidden = jax.vmap(expert_hidden, in_axes=(None, 0, 0))(x, w_in, w_gate)  # [e, n, f]
+    weighted = hidden * weights.T[:, :, None]
+    return jnp.einsum("enf,efd->nd", weighted, w_out.astype(jnp.float32)).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,25 +310,34 @@ def moe_gather(
     """Each token-expert pair gathers its expert's weights (8-bit ones dequantized after the gather,
     so only those) and runs on its own token: n * k experts read, whatever the number of experts.
 
-    `F32Experts` are separate arrays and are not gathered: a loop over the pairs picks each one's
-    expert with `lax.switch`, which reads it in place.
+    Stacked weights: as in `moe_all_experts`, the gate scales the hidden activations and one
+    contraction over a token's pairs (in increasing expert order) and F gives its output, so with
+    F split over devices the partial sums to all-reduce are [n, d], not [n * k, d].
+    `F32Experts` (the CPU format) are separate arrays and are not gathered: a loop over the pairs
+    picks each one's expert with `lax.switch`, which reads it in place.
     """
     n, k = experts.shape
     d = x.shape[-1]
-    flat = experts.reshape(n * k)
     rows = jnp.repeat(x, k, axis=0)[:, None, :]  # [pairs, 1, d]
-    weights = (w_in, w_gate, w_out)
     how = _dequantized_as(x)
     if isinstance(w_in, F32Experts):
+        flat = experts.reshape(n * k)
+        weights = (w_in, w_gate, w_out)
         branches = [functools.partial(_run_expert, weights=weights, e=e, how=how) for e in range(num_experts(w_in))]
 
         def one_pair(p, per_pair):
             return per_pair.at[p].set(jax.lax.switch(flat[p], branches, rows[p]))
 
         per_pair = jax.lax.fori_loop(0, n * k, one_pair, jnp.zeros((n * k, 1, d), jnp.float32))
-    else:
-        per_pair = jax.vmap(expert_ffn)(rows, *(_gathered(w, flat, how) for w in weights))
-    return _combine(per_pair.reshape(n, k, d), gates, experts).astype(x.dtype)
+        return _combine(per_pair.reshape(n, k, d), gates, experts).astype(x.dtype)
+    by_expert = jnp.argsort(experts, axis=-1)
+    index = jnp.take_along_axis(experts, by_expert, axis=-1).reshape(n * k)
+    scale = _f32_rounded_as(jnp.take_along_axis(gates, by_expert, axis=-1), jnp.bfloat16)  # [n, k]
+    hidden = jax.vmap(expert_hidden)(rows, _gathered(w_in, index, how), _gathered(w_gate, index, how))
+    weighted = hidden.reshape(n, k, -1) * scale[..., None]  # [n, k, f]
+    w_out = _gathered(w_out, index, how).astype(jnp.float32)
+    out = jnp.einsum("nkf,nkfd->nd", weighted, w_out.reshape(n, k, *w_out.shape[1:]))
+    return out.astype(x.dtype)
 
 
 def bucket_sizes(limit: int) -> tuple[int, ...]:

@@ -451,12 +451,6 @@ def test_decode_step_gathers_no_whole_weight(rules):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="grok/ now all-reduces the MoE output per expert ([E, B, D], 8x the bytes) and keeps the "
-    "residual stream split over `model` between layers (an all-gather of [B, D] per layer); "
-    "remove this marker once both are fixed",
-)
 def test_tensor_parallel_layer_communicates_two_activation_all_reduces():
     """Per layer, Megatron-style: one all-reduce of [B, T, D] after attention, one after the MoE.
 
