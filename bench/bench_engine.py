@@ -6,8 +6,10 @@ Engines (each runs in its own process, so its peak memory is its own):
   per call (`moe_impl="all_experts"`), 8-bit weights, scanned layers;
 - int8:     the fast MoE (`moe_impl="auto"`) on the released 8-bit weights, scanned layers: the
   accelerator path, where int8 converts inside the matmuls;
-- f32:      the CPU path: weights dequantized once at load (`model.f32_params`, 4 bytes per
-  weight instead of 1), unrolled layers so every weight is read in place, `moe_impl="auto"`.
+- f32:      the CPU format (`Grok(cpu_format=True)`, the default on one CPU device): weights
+  dequantized once at load (`model.f32_params`, 4 bytes per weight instead of 1), unrolled
+  layers so every weight and each layer's cache array is read in place, `moe_impl="auto"`.
+The engines' KV caches are f32 on CPU (`model.cache_dtype`); the baseline's is bf16.
 
 Roofline: right before each timed phase, the engine's process measures read bandwidth (f32 GEMV
 over a 128 MiB weight), f32 matmul FLOP/s (a 512x4096x4096 GEMM: the engines' matmuls run in f32
@@ -23,11 +25,13 @@ decode step assume uniform routing: E * (1 - (1 - k/E)**B) distinct experts per 
 
     PYTHONPATH=. .venv/bin/python bench/bench_engine.py            # ~1 GB of int8 weights
     PYTHONPATH=. .venv/bin/python bench/bench_engine.py --emb-size 1024 --engines int8 f32
+    PYTHONPATH=. .venv/bin/python bench/bench_engine.py --allocator jemalloc   # see the README
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -61,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
     p.add_argument("--steps", type=int, default=5, help="timed decode steps per batch size (baseline: 2)")
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    p.add_argument(
+        "--allocator", choices=("system", "jemalloc"), default="system",
+        help="malloc of the engines' processes: the system's, or jemalloc keeping freed memory (LD_PRELOAD "
+        "of libjemalloc.so.2, package libjemalloc2), which spares XLA:CPU a page fault per 4 KiB of every "
+        "fresh buffer each step",
+    )
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -332,6 +342,13 @@ def main(argv=None) -> None:
             json.dump(run_engine(args, args.worker), f)
         return
     config = make_config(args)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if args.allocator == "jemalloc":
+        found = sorted(glob.glob("/usr/lib/*/libjemalloc.so.2") + glob.glob("/usr/lib/libjemalloc.so.2"))
+        if not found:
+            sys.exit("error: --allocator jemalloc: no libjemalloc.so.2 under /usr/lib (install libjemalloc2)")
+        env.update(LD_PRELOAD=found[0], MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    print(f"allocator of the engines' processes: {args.allocator}")
     print(f"building {len(args.engines)} engines, each in its own process; ~{int8_bytes(config) / 1e9:.2f} GB of "
           f"int8 weights (timings on a shared machine are noisy: each is the best of several runs)", flush=True)
     machine = measure_machine(bf16=True)
@@ -340,7 +357,7 @@ def main(argv=None) -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", engine, "--out", out.name]
             start = time.perf_counter()
-            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            subprocess.run(cmd, check=True, env=env)
             results[engine] = json.loads(Path(out.name).read_text())
             print(f"  {engine}: done in {time.perf_counter() - start:.0f} s", flush=True)
     # The machine is shared, so rates vary: besides each phase's own measurement, report against
