@@ -29,6 +29,7 @@ from grok.checkpoint import (
 )
 from grok.config import PRESETS
 from grok.quant import QuantizedWeight8bit
+from param_checks import assert_same_params
 
 CONFIG = PRESETS["tiny"].replace(num_layers=11)  # 11 layers: string order puts _10 before _2
 NAMES, _ = weights.flatten(weights.checkpoint_shapes(CONFIG))
@@ -62,19 +63,6 @@ def ckpt(written, tmp_path) -> Path:
 
 def file_of(name: str) -> str:
     return tensor_file_name(NAMES.index(name))
-
-
-def assert_same_params(a, b) -> None:
-    names_a, leaves_a = weights.flatten(a)
-    names_b, leaves_b = weights.flatten(b)
-    assert names_a == names_b
-    for name, x, y in zip(names_a, leaves_a, leaves_b):
-        assert type(x) is type(y), name
-        pairs = [(x.weight, y.weight), (x.scales, y.scales)] if isinstance(x, QuantizedWeight8bit) else [(x, y)]
-        for u, v in pairs:
-            u, v = np.asarray(u), np.asarray(v)
-            assert type(v) is np.ndarray and u.dtype == v.dtype and u.shape == v.shape, name
-            assert u.tobytes() == v.tobytes(), name  # bit-exact
 
 
 def pickle_globals(data: bytes) -> set[str]:

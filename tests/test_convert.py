@@ -27,9 +27,9 @@ from grok.checkpoint import (
     resolve_checkpoint_dir,
 )
 from grok.convert import convert
-from grok.quant import QuantizedWeight8bit
 from grok.safetensors_checkpoint import StoredArray, file_name, write_file
 from grok.sharding import Sharder, load_rules, make_mesh
+from param_checks import assert_same_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
@@ -58,18 +58,6 @@ def converted(eleven, tmp_path) -> Path:
     return Path(shutil.copytree(eleven[0] / "safetensors", tmp_path / "safetensors"))
 
 
-def assert_identical(a, b) -> None:
-    names_a, leaves_a = weights.flatten(a)
-    names_b, leaves_b = weights.flatten(b)
-    assert names_a == names_b
-    for name, x, y in zip(names_a, leaves_a, leaves_b):
-        assert type(x) is type(y), name
-        pairs = [(x.weight, y.weight), (x.scales, y.scales)] if isinstance(x, QuantizedWeight8bit) else [(x, y)]
-        for u, v in pairs:
-            assert type(v) is np.ndarray and u.dtype == v.dtype and u.shape == v.shape, name
-            assert u.tobytes() == v.tobytes(), name
-
-
 # ------------------------------------------------------------------------------------ round trip
 
 
@@ -82,8 +70,8 @@ def test_round_trip_gives_identical_parameters_and_logits(config, tmp_path):
     )
     from_pickles = read_checkpoint(tmp_path / "ckpt-0", config, progress=False)
     from_safetensors = read_checkpoint(tmp_path / "out", config, progress=False)
-    assert_identical(params, from_safetensors)
-    assert_identical(from_pickles, from_safetensors)
+    assert_same_params(params, from_safetensors)
+    assert_same_params(from_pickles, from_safetensors)
 
     apply = jax.jit(model.build(config).apply)
     tokens = jnp.array([[1, 17, 200, 3, 45, 9, 128, 77], [5, 6, 7, 8, 9, 10, 11, 12]], jnp.int32)
@@ -319,7 +307,7 @@ def test_format_is_detected(eleven, tmp_path):
     assert checkpoint_format(root / "safetensors") == "safetensors"
     # The parent directory prefers a finished conversion over the release files...
     assert resolve_checkpoint_dir(root) == root / "safetensors"
-    assert_identical(params, read_checkpoint(root, ELEVEN, progress=False))
+    assert_same_params(params, read_checkpoint(root, ELEVEN, progress=False))
     # ...but not an unfinished one.
     shutil.copytree(root / "ckpt-0", tmp_path / "ckpt-0")
     shutil.copytree(root / "safetensors", tmp_path / "safetensors")
