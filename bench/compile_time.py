@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 
@@ -44,8 +43,7 @@ def main(argv=None) -> None:
 
     import jax
 
-    from grok import model
-    from grok.aot import decode_inputs
+    from grok.aot import compile_decode
     from grok.config import PRESETS
     from grok.sharding import Sharder, load_rules, make_mesh
 
@@ -53,20 +51,9 @@ def main(argv=None) -> None:
 
     def compile_once(num_layers: int) -> tuple[float, float, int]:
         config = PRESETS["grok-1"].replace(num_layers=num_layers)
-        params, token, memory = decode_inputs(config, sharder, args.batch, args.cache_len)
-        apply = model.build(config, constrain=sharder.constrain).apply
-
-        def step(params, token, memory):
-            out = apply(params, token, memory)
-            return out.logits, out.memory
-
-        start = time.perf_counter()
-        lowered = jax.jit(step, donate_argnums=2).lower(params, token, memory)
-        lowered_at = time.perf_counter()
-        compiled = lowered.compile()
-        done = time.perf_counter()
+        compiled, _, lower_s, compile_s = compile_decode(config, sharder, args.batch, args.cache_len)
         instructions = sum(1 for line in compiled.as_text().splitlines() if " = " in line)
-        return lowered_at - start, done - lowered_at, instructions
+        return lower_s, compile_s, instructions
 
     print(
         f"grok-1 decode step, rules {args.rules}, mesh (data={args.mesh_data}, model={args.mesh_model}) of "

@@ -4,6 +4,8 @@ configuration (memory per device, compile time, communication) on a development 
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
@@ -35,3 +37,22 @@ def decode_inputs(
         step=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(sharder.mesh, PartitionSpec(*rows.spec[:1]))),
     )
     return params, jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=rows), memory
+
+
+def compile_decode(
+    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int
+) -> tuple[jax.stages.Compiled, model.KVMemory, float, float]:
+    """Lower and compile one decode step (`apply(params, token, memory)`, memory donated as the
+    engine does) for `decode_inputs`; returns (compiled, its abstract memory, lower s, compile s)."""
+    params, token, memory = decode_inputs(config, sharder, batch, cache_len)
+    apply = model.build(config, constrain=sharder.constrain).apply
+
+    def step(params, token, memory):
+        out = apply(params, token, memory)
+        return out.logits, out.memory
+
+    start = time.perf_counter()
+    lowered = jax.jit(step, donate_argnums=2).lower(params, token, memory)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, memory, lowered_at - start, time.perf_counter() - lowered_at
