@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from grok import native
 from grok.quant import F32Experts, QuantizedWeight8bit, dequantize, dequantize_to_f32
 
 MOE_IMPLS = ("auto", "all_experts", "ragged", "gather")
@@ -137,10 +138,15 @@ _FEW_ROWS = 32
 
 
 def matmul_t(x: Float[Array, "... d_in"], w_t: Float[Array, "d_out d_in"]) -> Float[Array, "... d_out"]:
-    """x @ w_t.T in float32 (x is cast exactly), for a weight stored transposed, [out, in]."""
+    """x @ w_t.T in float32 (x is cast exactly), for a weight stored transposed, [out, in].
+
+    A few rows (decoding a batch) go to the native kernel where it is built (`grok.native`), which
+    reads the weight once for all of them; otherwise XLA:CPU's dot, oriented as it runs fastest."""
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     contract = (((1,), (1,)), ((), ()))
-    if rows.shape[0] == 1:  # a matrix-vector product: XLA:CPU's own GEMV, which reads w_t at memory speed
+    if 1 < rows.shape[0] <= native.MAX_ROWS and jax.default_backend() == "cpu" and native.available():
+        y = native.matmul_t(rows, w_t)
+    elif rows.shape[0] == 1:  # a matrix-vector product: XLA:CPU's own GEMV, which reads w_t at memory speed
         y = (w_t @ rows[0])[None, :]
     elif rows.shape[0] <= _FEW_ROWS:
         y = jax.lax.dot_general(w_t, rows, contract).T
