@@ -21,7 +21,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kBlock = 512;  // floats of `in` per block: 4 x rows + 2 weight rows = 12 KiB
+constexpr int64_t kRows = 4;  // rows of x per register block
+constexpr int64_t kCols = 2;  // weight rows per register block: kRows * kCols = 8 accumulators
+constexpr int64_t kBlock = 512;  // floats of `in` per block: kRows x rows + kCols weight rows = 12 KiB
 constexpr int64_t kRowsPerTask = 64;  // weight rows per unit of work handed to a thread
 
 float HorizontalSum(__m256 v) {
@@ -31,70 +33,73 @@ float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// acc[r * C + c] (8 partial sums) += x row r . weight row c, over `len` (a multiple of 8) floats. While the last
-// group of x rows runs, `prefetch` (the next two weight rows' block, or null) is pulled into L1.
+// acc[r * C + c] (8 partial sums) += x row r . weight row c, over `len` (a multiple of 8) floats;
+// weight row c starts at w + c * w_stride. While the last group of x rows runs, `prefetch` (the
+// next C weight rows, contiguous, or null) is pulled into L1 a little at a time.
 template <int R, int C>
-void Block(const float* __restrict x, int64_t x_stride, const float* __restrict w0,
-           const float* __restrict w1, int64_t len, float* __restrict acc, const float* prefetch) {
+void Block(const float* __restrict x, int64_t x_stride, const float* __restrict w, int64_t w_stride,
+           int64_t len, float* __restrict acc, const float* prefetch) {
   __m256 a[R * C];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < R * C; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
   for (int64_t k = 0; k < len; k += 8) {
     if (prefetch) {
-      _mm_prefetch(reinterpret_cast<const char*>(prefetch + 2 * k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(prefetch + 2 * k + 8), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(prefetch + C * k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(prefetch + C * k + 16), _MM_HINT_T0);
     }
-    const __m256 v0 = _mm256_loadu_ps(w0 + k);
-    const __m256 v1 = _mm256_loadu_ps(w1 + k);
+    __m256 v[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) v[c] = _mm256_loadu_ps(w + c * w_stride + k);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       __m256 xv = _mm256_loadu_ps(x + r * x_stride + k);
       asm("" : "+x"(xv));  // keep xv in a register: loaded once, not once per weight row
-      a[r * C] = _mm256_fmadd_ps(xv, v0, a[r * C]);
-      if (C == 2) a[r * C + 1] = _mm256_fmadd_ps(xv, v1, a[r * C + 1]);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) a[r * C + c] = _mm256_fmadd_ps(xv, v[c], a[r * C + c]);
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < R * C; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
 }
 
 template <int C>
-void AllRows(const float* x, int64_t m, int64_t k_total, const float* w0, const float* w1,
-             int64_t start, int64_t len, float* acc, const float* prefetch) {
-  for (int64_t r0 = 0; r0 < m; r0 += 4) {
-    const float* xr = x + r0 * k_total + start;
-    const float* p = r0 + 4 >= m ? prefetch : nullptr;
+void AllRows(const float* x, int64_t m, int64_t k, const float* w, int64_t start, int64_t len,
+             float* acc, const float* prefetch) {
+  for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+    const float* xr = x + r0 * k + start;
+    const float* p = r0 + kRows >= m ? prefetch : nullptr;
     float* ar = acc + 8 * r0 * C;
-    switch (std::min<int64_t>(m - r0, 4)) {
-      case 4: Block<4, C>(xr, k_total, w0, w1, len, ar, p); break;
-      case 3: Block<3, C>(xr, k_total, w0, w1, len, ar, p); break;
-      case 2: Block<2, C>(xr, k_total, w0, w1, len, ar, p); break;
-      default: Block<1, C>(xr, k_total, w0, w1, len, ar, p); break;
+    switch (std::min<int64_t>(m - r0, kRows)) {
+      case 4: Block<4, C>(xr, k, w + start, k, len, ar, p); break;
+      case 3: Block<3, C>(xr, k, w + start, k, len, ar, p); break;
+      case 2: Block<2, C>(xr, k, w + start, k, len, ar, p); break;
+      default: Block<1, C>(xr, k, w + start, k, len, ar, p); break;
     }
   }
 }
 
-// y[:, n0:n1] for x [m, k] and w_t [n, k], all row-major.
+// y[:, n0:n1] for x [m, k] and w_t [n, k], all row-major: kCols weight rows at a time.
 void Columns(const float* x, int64_t m, int64_t k, const float* w_t, float* y, int64_t n,
              int64_t n0, int64_t n1) {
   const int64_t k8 = k - k % 8;
-  std::unique_ptr<float[]> acc(new float[m * 2 * 8]);
-  for (int64_t j = n0; j < n1; j += 2) {
+  std::unique_ptr<float[]> acc(new float[m * kCols * 8]);
+  for (int64_t j = n0; j < n1; j += kCols) {
     const int c = j + 1 < n1 ? 2 : 1;
-    const float* w0 = w_t + j * k;
-    const float* w1 = w0 + (c - 1) * k;
-    std::fill(acc.get(), acc.get() + m * 2 * 8, 0.0f);
+    const float* w = w_t + j * k;
+    const float* next = j + kCols < n1 ? w + kCols * k : nullptr;
+    std::fill(acc.get(), acc.get() + m * c * 8, 0.0f);
     for (int64_t start = 0; start < k8; start += kBlock) {
       const int64_t len = std::min(kBlock, k8 - start);
-      const float* next = j + 2 < n1 ? w_t + (j + 2) * k + 2 * start : nullptr;
-      if (c == 2) AllRows<2>(x, m, k, w0 + start, w1 + start, start, len, acc.get(), next);
-      else AllRows<1>(x, m, k, w0 + start, w1 + start, start, len, acc.get(), next);
+      const float* p = next ? next + c * start : nullptr;
+      switch (c) {
+        case 2: AllRows<2>(x, m, k, w, start, len, acc.get(), p); break;
+        default: AllRows<1>(x, m, k, w, start, len, acc.get(), p); break;
+      }
     }
     for (int64_t r = 0; r < m; ++r) {
       for (int i = 0; i < c; ++i) {
-        const float* w = w0 + i * k;
         float sum = HorizontalSum(_mm256_loadu_ps(acc.get() + 8 * (r * c + i)));
-        for (int64_t t = k8; t < k; ++t) sum += x[r * k + t] * w[t];
+        for (int64_t t = k8; t < k; ++t) sum += x[r * k + t] * w[i * k + t];
         y[r * n + j + i] = sum;
       }
     }
