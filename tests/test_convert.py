@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 import jax
@@ -29,6 +27,7 @@ from grok.checkpoint import (
 from grok.convert import convert
 from grok.safetensors_checkpoint import StoredArray, file_name, write_file
 from grok.sharding import Sharder, load_rules, make_mesh
+from host_memory import LiveTensors
 from param_checks import assert_same_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,22 +227,10 @@ def test_each_of_two_processes_reads_only_its_shards(shard_checkpoint, tmp_path)
 
 def test_host_memory_holds_one_source_file_while_converting(tmp_path, monkeypatch):
     write_release(tmp_path / "ckpt-0", TINY)
-    alive: list[weakref.ref] = []
-    peak = 0
-    original = checkpoint.load_tensor
-
-    def tracking_load(path):
-        nonlocal peak
-        gc.collect()
-        peak = max(peak, sum(ref() is not None for ref in alive))
-        weight = original(path)
-        alive.append(weakref.ref(getattr(weight, "weight", weight)))
-        return weight
-
-    monkeypatch.setattr(checkpoint, "load_tensor", tracking_load)
+    live = LiveTensors(monkeypatch)
     convert(tmp_path / "ckpt-0", tmp_path / "out", TINY, progress=False)
-    assert len(alive) == len(weights.flatten(weights.checkpoint_shapes(TINY))[0])
-    assert peak <= 1, f"{peak} earlier tensors still held when reading the next"
+    assert live.reads == len(weights.flatten(weights.checkpoint_shapes(TINY))[0])
+    assert live.peak <= 1, f"{live.peak} earlier tensors still held when reading the next"
 
 
 # ------------------------------------------------------------------------------------ resuming

@@ -1,8 +1,5 @@
 """Loading a release checkpoint straight into shards."""
 
-import gc
-import weakref
-
 import jax
 import numpy as np
 import pytest
@@ -10,6 +7,7 @@ import pytest
 from grok import PRESETS, checkpoint, loader, weights
 from grok.demo import write_demo_checkpoint
 from grok.sharding import Sharder, load_rules, make_mesh
+from host_memory import LiveTensors
 
 CONFIG = PRESETS["shard"]
 
@@ -35,19 +33,7 @@ def test_sharded_load_equals_host_load(ckpt, rules, data, model_size):
 
 def test_at_most_one_tensor_file_is_alive_on_the_host(ckpt, monkeypatch):
     """Each file's host array is dropped once its shards are placed: host memory stays ~one tensor."""
-    alive: list[weakref.ref] = []
-    peak = 0
-    original = checkpoint.load_tensor
-
-    def tracking_load(path):
-        nonlocal peak
-        gc.collect()
-        peak = max(peak, sum(ref() is not None for ref in alive))
-        weight = original(path)
-        alive.append(weakref.ref(getattr(weight, "weight", weight)))
-        return weight
-
-    monkeypatch.setattr(checkpoint, "load_tensor", tracking_load)
+    live = LiveTensors(monkeypatch)
     loader.load_sharded(ckpt, CONFIG, Sharder(load_rules("tensor_parallel"), make_mesh(1, 8)), progress=False)
-    assert len(alive) == len(weights.flatten(weights.checkpoint_shapes(CONFIG))[0])
-    assert peak <= 1, f"{peak} earlier tensor files still held when loading the next"
+    assert live.reads == len(weights.flatten(weights.checkpoint_shapes(CONFIG))[0])
+    assert live.peak <= 1, f"{live.peak} earlier tensor files still held when loading the next"
