@@ -1,8 +1,10 @@
-"""Shared test assertion: two parameter trees hold the same arrays, bit for bit."""
+"""Shared test assertions: two parameter trees hold the same arrays, and give the same logits, bit for bit."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from grok import weights
+from grok import model, weights
 from grok.quant import QuantizedWeight8bit
 
 
@@ -18,3 +20,13 @@ def assert_same_params(a, b) -> None:
             u = np.asarray(u)
             assert isinstance(v, np.ndarray) and u.dtype == v.dtype and u.shape == v.shape, name
             assert u.tobytes() == v.tobytes(), name  # bit-exact
+
+
+def assert_same_logits(config, a, b) -> None:
+    """The model gives bit-identical (finite) logits with parameter trees `a` and `b` (checkpoint layout)."""
+    apply = jax.jit(model.build(config).apply)
+    tokens = jnp.array([[1, 17, 200, 3, 45, 9, 128, 77], [5, 6, 7, 8, 9, 10, 11, 12]], jnp.int32)
+    before = apply(weights.stack_layers(a, config.num_layers), tokens).logits
+    after = apply(weights.stack_layers(b, config.num_layers), tokens).logits
+    assert np.isfinite(np.asarray(before)).all()
+    np.testing.assert_array_equal(np.asarray(before), np.asarray(after))

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok import model, weights
+from grok import weights
 from grok.checkpoint import (
     CheckpointError,
     ReleasePickler,
@@ -29,7 +29,7 @@ from grok.checkpoint import (
 )
 from grok.config import PRESETS
 from grok.quant import QuantizedWeight8bit
-from param_checks import assert_same_params
+from param_checks import assert_same_logits, assert_same_params
 
 CONFIG = PRESETS["tiny"].replace(num_layers=11)  # 11 layers: string order puts _10 before _2
 NAMES, _ = weights.flatten(weights.checkpoint_shapes(CONFIG))
@@ -98,12 +98,7 @@ def test_round_trip_is_exact_and_gives_identical_logits(params, written):
     loaded = read_checkpoint(written, CONFIG, progress=False)
     assert_same_params(params, loaded)
 
-    apply = jax.jit(model.build(CONFIG).apply)
-    tokens = jnp.array([[1, 17, 200, 3, 45, 9, 128, 77], [5, 6, 7, 8, 9, 10, 11, 12]], jnp.int32)
-    before = apply(weights.stack_layers(params, CONFIG.num_layers), tokens).logits
-    after = apply(weights.stack_layers(loaded, CONFIG.num_layers), tokens).logits
-    assert np.isfinite(np.asarray(before)).all()
-    np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+    assert_same_logits(CONFIG, params, loaded)
 
 
 def test_files_follow_string_order_of_paths(params, written):
