@@ -154,7 +154,8 @@ class MultiHeadAttention(hk.Module):
             k=_write_layer(memory.k, k, layer, memory.step), v=_write_layer(memory.v, v, layer, memory.step)
         )
         k_layer, v_layer = (self.constrain(cache[layer], "kv_cache") for cache in (memory.k, memory.v))
-        out = self.constrain(ops.attention(q, k_layer, v_layer, mask, c.attn_output_multiplier), "heads")
+        attended = ops.attention(q, k_layer, v_layer, mask, c.attn_output_multiplier, native_kernels=not sharded(self.constrain))
+        out = self.constrain(attended, "heads")
         out = Linear(c.emb_size, name="linear")(out.reshape(b, t, c.num_q_heads * c.key_size))
         return out, memory
 
@@ -379,6 +380,12 @@ def f32_params(params: dict) -> dict:
             else:
                 out[path][name] = jnp.asarray(leaf)
     return out
+
+
+def sharded(constrain: Constrain) -> bool:
+    """Whether `constrain` is a `grok.sharding.Sharder.constrain` over more than one device."""
+    mesh = getattr(getattr(constrain, "__self__", None), "mesh", None)
+    return mesh is not None and mesh.size > 1
 
 
 def experts_split(constrain: Constrain) -> bool:

@@ -6,6 +6,8 @@ Haiku modules in `grok.model` own the parameters and call these; tests call them
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,9 @@ from grok import native
 from grok.quant import F32Experts, QuantizedWeight8bit, dequantize, dequantize_to_f32
 
 MOE_IMPLS = ("auto", "all_experts", "ragged", "gather")
+# Up to this many tokens, a mixture over CPU-format weights runs natively (`moe_grouped`): each
+# expert gets about tokens * k / E rows, where XLA:CPU's dot reads a weight at half the memory speed.
+NATIVE_MOE_TOKENS = 64
 
 RMS_NORM_EPS = 1e-5
 ATTN_SOFTCAP = 30.0
@@ -51,36 +56,57 @@ def attention(
     v: Float[Array, "b kv s d"],
     mask: Bool[Array, "b t s"],
     multiplier: float,
+    native_kernels: bool = True,
 ) -> Float[Array, "b t h d"]:
     """Grouped-query attention with Grok's soft-capped logits; query head h reads kv head h // G.
 
     Both products are matmuls in q's dtype (for bf16: bf16 results of f32 sums). A float32 cache
     under bf16 queries (the CPU format: it holds bf16 values) runs them as f32 matmuls rounded to
     bf16: the same numbers, without converting the cache, which XLA:CPU would do every step.
+    `native_kernels`: whether the logits of a decode step may use the native CPU kernel
+    (`batched_matmul_t`); pass False for a computation sharded over devices, which XLA cannot split
+    a custom call over.
     """
     b, t, h, d = q.shape
     kv, s = k.shape[1], k.shape[2]
     g = h // kv
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
-    per_head = ((0, 1), (0, 1))
-    logits = _product_as(q.dtype, q, k, (((3,), (3,)), per_head)).reshape(b, kv, t, g, s)
-    logits = logits * multiplier
+    logits = _product_as(q.dtype, q, k, functools.partial(batched_matmul_t, native_kernels=native_kernels))
+    logits = logits.reshape(b, kv, t, g, s) * multiplier
     logits = ATTN_SOFTCAP * jnp.tanh(logits / ATTN_SOFTCAP)
     logits = jnp.where(mask[:, None, :, None, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).reshape(b, kv, t * g, s)
-    out = _product_as(q.dtype, probs, v, (((3,), (2,)), per_head)).astype(q.dtype)
+    weigh_values = functools.partial(jax.lax.dot_general, dimension_numbers=(((3,), (2,)), ((0, 1), (0, 1))))
+    out = _product_as(q.dtype, probs, v, weigh_values).astype(q.dtype)
     return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
-def _product_as(dtype, a: Array, b: Array, dimension_numbers) -> Float[Array, "..."]:
-    """`dot_general` of a and b in `dtype`, as float32 holding its `dtype` result (rounded even
+def _product_as(dtype, a: Array, b: Array, product: Callable[[Array, Array], Array]) -> Float[Array, "..."]:
+    """`product(a, b)` (a matmul) in `dtype`, as float32 holding its `dtype` result (rounded even
     where XLA would keep the f32 sum because the consumer upcasts). A float32 `b` under a narrower
     `dtype` holds `dtype` values: the product then runs in f32 on the same numbers."""
     if b.dtype == dtype:
         a = a.astype(dtype)
     else:
         a, b = _f32_rounded_as(a, dtype), b.astype(jnp.float32)
-    return _f32_rounded_as(jax.lax.dot_general(a, b, dimension_numbers), dtype)
+    return _f32_rounded_as(product(a, b), dtype)
+
+
+def batched_matmul_t(
+    x: Float[Array, "*batch m k"], w_t: Float[Array, "*batch n k"], native_kernels: bool = True
+) -> Float[Array, "*batch m n"]:
+    """x @ w_t.T for each element of the leading batch dimensions (a decode step's queries times
+    each sequence's cached keys). A few float32 rows go to the native kernel where it is built and
+    allowed: XLA:CPU's batched dot of this shape runs about ten times slower than reading w_t."""
+    if native_kernels and x.dtype == w_t.dtype == jnp.float32 and _native_rows(x.shape[-2], minimum=1):
+        return native.matmul_t(x, w_t)
+    batch = tuple(range(x.ndim - 2))
+    return jax.lax.dot_general(x, w_t, (((x.ndim - 1,), (x.ndim - 1,)), (batch, batch)))
+
+
+def _native_rows(rows: int, minimum: int, limit: int = native.MAX_ROWS) -> bool:
+    """Whether a product with this many rows of x (`minimum` to `limit`) goes to the native kernel."""
+    return minimum <= rows <= limit and jax.default_backend() == "cpu" and native.available()
 
 
 def attention_mask(
@@ -124,12 +150,16 @@ def expert_ffn_t(
     w_in_t: Float[Array, "f d"],
     w_gate_t: Float[Array, "f d"],
     w_out_t: Float[Array, "d f"],
+    product: Callable[[Array, Any], Array] | None = None,
 ) -> Float[Array, "n d"]:
     """`expert_ffn` with weights in the CPU format: float32 holding bf16 values, stored transposed
-    [out, in] (`grok.quant.F32Weight`). The same roundings: both input matmuls rounded to x's dtype."""
-    hidden = jax.nn.gelu(_f32_rounded_as(matmul_t(x, w_in_t), x.dtype), approximate=True)
-    gated = hidden * _f32_rounded_as(matmul_t(x, w_gate_t), x.dtype)
-    return matmul_t(gated, w_out_t)
+    [out, in] (`grok.quant.F32Weight`). The same roundings: both input matmuls rounded to x's dtype.
+    `product(x, w_t)` computes x @ w_t.T (default `matmul_t`; `moe_grouped` passes every expert's
+    weights at once)."""
+    product = product or matmul_t
+    hidden = jax.nn.gelu(_f32_rounded_as(product(x, w_in_t), x.dtype), approximate=True)
+    gated = hidden * _f32_rounded_as(product(x, w_gate_t), x.dtype)
+    return product(gated, w_out_t)
 
 
 # Up to this many rows, XLA:CPU multiplies [out, in] @ x.T (then transposes the small result)
@@ -144,7 +174,7 @@ def matmul_t(x: Float[Array, "... d_in"], w_t: Float[Array, "d_out d_in"]) -> Fl
     reads the weight once for all of them; otherwise XLA:CPU's dot, oriented as it runs fastest."""
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     contract = (((1,), (1,)), ((), ()))
-    if 1 < rows.shape[0] <= native.MAX_ROWS and jax.default_backend() == "cpu" and native.available():
+    if _native_rows(rows.shape[0], minimum=2):  # one row: XLA's GEMV matches the kernel
         y = native.matmul_t(rows, w_t)
     elif rows.shape[0] == 1:  # a matrix-vector product: XLA:CPU's own GEMV, which reads w_t at memory speed
         y = (w_t @ rows[0])[None, :]
@@ -241,9 +271,14 @@ def moe(
     experts_split: bool = False,
 ) -> Float[Array, "n d"]:
     """The mixture output computed by strategy `impl` (see `choose_moe_impl`); all follow the same
-    precision rules, so they agree up to f32 summation order (an occasional last bf16 bit)."""
+    precision rules, so they agree up to f32 summation order (an occasional last bf16 bit).
+    Either fast strategy on CPU-format weights for a decode batch (at most NATIVE_MOE_TOKENS tokens)
+    runs as `moe_grouped` where the native kernel is built: the ragged product in one call per
+    weight, no row padding, no control flow."""
     n, k = experts.shape
     impl = choose_moe_impl(impl, n, k, num_experts(w_in), experts_split)
+    if impl != "all_experts" and isinstance(w_in, F32Experts) and _native_rows(n, minimum=1, limit=NATIVE_MOE_TOKENS):
+        return moe_grouped(x, gates, experts, w_in, w_gate, w_out)
     if impl == "all_experts":
         dense = [_all_expert_matrices(w, x.dtype) for w in (w_in, w_gate, w_out)]
         return moe_all_experts(x, gates, experts, *dense)
@@ -344,6 +379,29 @@ def moe_gather(
     w_out = _gathered(w_out, index, how).astype(jnp.float32)
     out = jnp.einsum("nkf,nkfd->nd", weighted, w_out.reshape(n, k, *w_out.shape[1:]))
     return out.astype(x.dtype)
+
+
+def moe_grouped(
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    w_in: F32Experts,
+    w_gate: F32Experts,
+    w_out: F32Experts,
+) -> Float[Array, "n d"]:
+    """Token-expert pairs sorted by expert, each expert's rows times its weights by the native
+    kernel (`grok.native.grouped_matmul_t`): CPU-format weights only, and only where the kernel is
+    built. Every selected expert's weights are read once, unselected ones never; `moe_ragged`'s
+    numbers, without its row padding to fixed sizes."""
+    n, k = experts.shape
+    pairs = n * k
+    flat = experts.reshape(pairs)
+    order = jnp.argsort(flat, stable=True)  # pair slots grouped by expert
+    sizes = jnp.sum(jax.nn.one_hot(flat, num_experts(w_in), dtype=jnp.int32), axis=0)
+    grouped = lambda rows, w: native.grouped_matmul_t(rows, sizes, w.values_t)
+    out = expert_ffn_t(x[order // k], w_in, w_gate, w_out, product=grouped)
+    per_pair = jnp.zeros((pairs, x.shape[-1]), jnp.float32).at[order].set(out)
+    return _combine(per_pair.reshape(n, k, -1), gates, experts).astype(x.dtype)
 
 
 def bucket_sizes(limit: int) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok import PRESETS, model, ops, weights
+from grok import PRESETS, model, native, ops, weights
 from grok.quant import F32Experts, QuantizedWeight8bit, quantize, to_f32_weight
 from grok.sharding import Sharder, load_rules, make_mesh, no_constraint
 
@@ -63,6 +63,22 @@ def test_fast_moe_equals_all_experts(num_experts, k, n):
     for impl in ("ragged", "gather"):
         assert_near_exact(moe(x, gates, experts, *w, impl), expected)
         assert_near_exact(moe(x, gates, experts, *f32, impl), expected)
+
+
+@pytest.mark.parametrize("num_experts,k,n", [(8, 2, 1), (4, 3, 2), (8, 2, 40)])
+def test_cpu_format_moe_without_the_native_kernel_equals_all_experts(monkeypatch, num_experts, k, n):
+    """Where the native kernel is not built, the CPU format's gather and ragged paths run on
+    XLA's dot (test_native covers the kernel's `moe_grouped`)."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    rng = np.random.default_rng(100 * num_experts + 10 * k + n)
+    w = expert_weights(rng, num_experts, 32, 48)
+    x, gates, experts = routed(rng, n, 32, num_experts, k)
+    expected = moe(x, gates, experts, *w, "all_experts")
+    f32 = [to_f32_weight(a, experts_axis=0) for a in w]
+    for impl in ("ragged", "gather"):
+        with_xla = jax.jit(lambda *args: ops.moe(*args, impl=impl))  # a new function: traced afresh
+        assert "grok_grouped_matmul_t" not in str(jax.make_jaxpr(with_xla)(x, gates, experts, *f32))
+        assert_near_exact(with_xla(x, gates, experts, *f32), expected)
 
 
 def test_fast_moe_float_weights_and_f32_activations():

@@ -1,11 +1,14 @@
 """Native CPU kernels: C++ sources here, compiled on first use and called through XLA's FFI.
 
-Only one so far, `matmul_t`: the product of a few rows with a CPU-format weight ([out, in],
-float32), where XLA:CPU's own dot reads the weight at about half the machine's bandwidth. It needs
-an x86-64 CPU with AVX2 and FMA and a C++17 compiler (`$CXX`, default `g++`). Where either is
-missing, or `GROK_NATIVE_KERNELS=0`, `available()` is False and callers use XLA's dot: the same
-numbers up to float32 summation order, only slower. The compiled library is cached under
-`$GROK_CACHE_DIR` (default `~/.cache/grok`), keyed by the source, the flags and the jaxlib version.
+One kernel, in two entry points: `matmul_t`, the product of a few rows with a CPU-format weight
+([out, in], float32), where XLA:CPU's own dot reads the weight at about half the machine's
+bandwidth, optionally batched (one product per batch element: a decode step's attention logits);
+and `grouped_matmul_t`, the ragged product of a mixture of experts (rows grouped by expert, each
+group times its expert's weight). They need an x86-64 CPU with AVX2 and FMA and a C++17 compiler
+(`$CXX`, default `g++`). Where either is missing, or `GROK_NATIVE_KERNELS=0`, `available()` is
+False and callers use XLA's ops: the same numbers up to float32 summation order, only slower. The
+compiled library is cached under `$GROK_CACHE_DIR` (default `~/.cache/grok`), keyed by the source,
+the flags and the jaxlib version.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import jaxlib
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 SOURCE = pathlib.Path(__file__).with_name("matmul_t.cc")
-TARGET = "grok_matmul_t"
+TARGETS = {"grok_matmul_t": "GrokMatmulT", "grok_grouped_matmul_t": "GrokGroupedMatmulT"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 
 # From 2 up to this many rows the kernel beats XLA:CPU's dot (measured on a 2-core AMD EPYC
@@ -36,10 +40,23 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 MAX_ROWS = 16
 
 
-def matmul_t(x: Float[Array, "m d_in"], w_t: Float[Array, "d_out d_in"]) -> Float[Array, "m d_out"]:
-    """x @ w_t.T in float32 by the native kernel (call only when `available()`)."""
-    out = jax.ShapeDtypeStruct((x.shape[0], w_t.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), w_t.astype(jnp.float32))
+def matmul_t(x: Float[Array, "*batch m d_in"], w_t: Float[Array, "*batch d_out d_in"]) -> Float[Array, "*batch m d_out"]:
+    """x @ w_t.T in float32 by the native kernel, one product per element of the leading batch
+    dimensions that x and w_t share (call only when `available()`)."""
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], w_t.shape[-2]), jnp.float32)
+    return jax.ffi.ffi_call("grok_matmul_t", out)(x.astype(jnp.float32), w_t.astype(jnp.float32))
+
+
+def grouped_matmul_t(
+    x: Float[Array, "r d_in"], group_sizes: Int[Array, "e"], weights: Sequence[Float[Array, "d_out d_in"]]
+) -> Float[Array, "r d_out"]:
+    """The ragged product of a mixture of experts by the native kernel (call only when
+    `available()`): x's rows come grouped by expert, the first group_sizes[0] rows times
+    weights[0].T, the next group_sizes[1] times weights[1].T, ...; rows past the groups are zero.
+    An expert whose group is empty has its weight left unread."""
+    out = jax.ShapeDtypeStruct((x.shape[0], weights[0].shape[0]), jnp.float32)
+    call = jax.ffi.ffi_call("grok_grouped_matmul_t", out)
+    return call(x.astype(jnp.float32), group_sizes.astype(jnp.int32), *(w.astype(jnp.float32) for w in weights))
 
 
 @functools.cache
@@ -51,7 +68,8 @@ def available() -> bool:
     if isinstance(library, str):
         warnings.warn(f"native CPU kernels off ({library}); using XLA's dot, which is slower for decoding")
         return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.GrokMatmulT), platform="cpu")
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return True
 
 
