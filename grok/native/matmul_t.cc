@@ -43,19 +43,15 @@ float HorizontalSum(__m256 v) {
 }
 
 // acc[r * C + c] (8 partial sums) += x row r . weight row c, over `len` (a multiple of 8) floats;
-// weight row c starts at w + c * w_stride. While the last group of x rows runs, `prefetch` (the
-// next C weight rows, contiguous, or null) is pulled into L1 a little at a time.
+// weight row c starts at w + c * w_stride. (The hardware prefetcher streams the weight rows:
+// software prefetching measured no faster for `in` = 2048 and 10-15% slower for `in` = 10928.)
 template <int R, int C>
 void Block(const float* __restrict x, int64_t x_stride, const float* __restrict w, int64_t w_stride,
-           int64_t len, float* __restrict acc, const float* prefetch) {
+           int64_t len, float* __restrict acc) {
   __m256 a[R * C];
 #pragma GCC unroll 16
   for (int i = 0; i < R * C; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
   for (int64_t k = 0; k < len; k += 8) {
-    if (prefetch) {
-      _mm_prefetch(reinterpret_cast<const char*>(prefetch + C * k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(prefetch + C * k + 16), _MM_HINT_T0);
-    }
     __m256 v[C];
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) v[c] = _mm256_loadu_ps(w + c * w_stride + k);
@@ -73,16 +69,15 @@ void Block(const float* __restrict x, int64_t x_stride, const float* __restrict 
 
 template <int C>
 void AllRows(const float* x, int64_t x_stride, int64_t m, int64_t k, const float* w, int64_t start,
-             int64_t len, float* acc, const float* prefetch) {
+             int64_t len, float* acc) {
   for (int64_t r0 = 0; r0 < m; r0 += kRows) {
     const float* xr = x + r0 * x_stride + start;
-    const float* p = r0 + kRows >= m ? prefetch : nullptr;
     float* ar = acc + 8 * r0 * C;
     switch (std::min<int64_t>(m - r0, kRows)) {
-      case 4: Block<4, C>(xr, x_stride, w + start, k, len, ar, p); break;
-      case 3: Block<3, C>(xr, x_stride, w + start, k, len, ar, p); break;
-      case 2: Block<2, C>(xr, x_stride, w + start, k, len, ar, p); break;
-      default: Block<1, C>(xr, x_stride, w + start, k, len, ar, p); break;
+      case 4: Block<4, C>(xr, x_stride, w + start, k, len, ar); break;
+      case 3: Block<3, C>(xr, x_stride, w + start, k, len, ar); break;
+      case 2: Block<2, C>(xr, x_stride, w + start, k, len, ar); break;
+      default: Block<1, C>(xr, x_stride, w + start, k, len, ar); break;
     }
   }
 }
@@ -96,15 +91,13 @@ void Columns(const float* x, int64_t x_stride, int64_t m, int64_t k, const float
   for (int64_t j = n0; j < n1; j += kCols) {
     const int c = static_cast<int>(std::min(kCols, n1 - j));
     const float* w = w_t + j * k;
-    const float* next = j + kCols < n1 ? w + kCols * k : nullptr;
     std::fill(acc.get(), acc.get() + m * c * 8, 0.0f);
     for (int64_t start = 0; start < k8; start += kBlock) {
       const int64_t len = std::min(kBlock, k8 - start);
-      const float* p = next ? next + c * start : nullptr;
       switch (c) {
-        case 3: AllRows<3>(x, x_stride, m, k, w, start, len, acc.get(), p); break;
-        case 2: AllRows<2>(x, x_stride, m, k, w, start, len, acc.get(), p); break;
-        default: AllRows<1>(x, x_stride, m, k, w, start, len, acc.get(), p); break;
+        case 3: AllRows<3>(x, x_stride, m, k, w, start, len, acc.get()); break;
+        case 2: AllRows<2>(x, x_stride, m, k, w, start, len, acc.get()); break;
+        default: AllRows<1>(x, x_stride, m, k, w, start, len, acc.get()); break;
       }
     }
     for (int64_t r = 0; r < m; ++r) {
