@@ -167,9 +167,14 @@ def test_a_failed_build_is_a_reason_not_an_error(monkeypatch, tmp_path):
 
 
 @needs_kernel
-def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("GROK_CACHE_DIR", str(tmp_path))
-    first = native._build()
+    with caplog.at_level("INFO", logger="grok"):
+        first = native._build()
     assert first.parent == tmp_path / "native" and first.exists()
+    assert "compiling the native CPU kernels" in caplog.text  # the few seconds it takes are announced
+    caplog.clear()
     stamp = first.stat().st_mtime_ns
-    assert native._build() == first and first.stat().st_mtime_ns == stamp
+    with caplog.at_level("INFO", logger="grok"):
+        assert native._build() == first and first.stat().st_mtime_ns == stamp
+    assert not caplog.text

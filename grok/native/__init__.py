@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 import platform
@@ -31,6 +32,7 @@ import jaxlib
 from jaxtyping import Array, Float, Int
 
 SOURCE = pathlib.Path(__file__).with_name("matmul_t.cc")
+log = logging.getLogger("grok")
 TARGETS = {"grok_matmul_t": "GrokMatmulT", "grok_grouped_matmul_t": "GrokGroupedMatmulT"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -108,6 +110,7 @@ def _build() -> pathlib.Path:
     cache = pathlib.Path(os.environ.get("GROK_CACHE_DIR", pathlib.Path.home() / ".cache" / "grok")) / "native"
     library = cache / f"{SOURCE.stem}-{key[:16]}.so"
     if not library.exists():
+        log.info("compiling the native CPU kernels into %s (once per machine, a few seconds)", cache)
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as scratch:  # compile aside, then move: safe for concurrent processes
             built = pathlib.Path(scratch) / library.name
