@@ -312,9 +312,7 @@ def moe_ragged(
     pairs = n * k
     count = num_experts(w_in)
     weights = (w_in, w_gate, w_out)
-    flat = experts.reshape(pairs)
-    order = jnp.argsort(flat, stable=True)  # pair slots grouped by expert
-    counts = jnp.sum(jax.nn.one_hot(flat, count, dtype=jnp.int32), axis=0)
+    order, counts = _grouped_by_expert(experts, count)
     starts = jnp.cumsum(counts) - counts
     sizes = bucket_sizes(min(n, pairs))  # a token picks distinct experts: at most n rows each
     rows = jnp.concatenate([x[order // k], jnp.zeros((sizes[-1], d), x.dtype)])
@@ -336,8 +334,7 @@ def moe_ragged(
             out = one_expert(e, out)
     else:
         out = jax.lax.fori_loop(0, count, one_expert, out)
-    per_pair = jnp.zeros((pairs, d), jnp.float32).at[order].set(out[:pairs])
-    return _combine(per_pair.reshape(n, k, d), gates, experts).astype(x.dtype)
+    return _combine_grouped(out[:pairs], order, gates, experts).astype(x.dtype)
 
 
 def moe_gather(
@@ -393,15 +390,10 @@ def moe_grouped(
     kernel (`grok.native.grouped_matmul_t`): CPU-format weights only, and only where the kernel is
     built. Every selected expert's weights are read once, unselected ones never; `moe_ragged`'s
     numbers, without its row padding to fixed sizes."""
-    n, k = experts.shape
-    pairs = n * k
-    flat = experts.reshape(pairs)
-    order = jnp.argsort(flat, stable=True)  # pair slots grouped by expert
-    sizes = jnp.sum(jax.nn.one_hot(flat, num_experts(w_in), dtype=jnp.int32), axis=0)
+    order, sizes = _grouped_by_expert(experts, num_experts(w_in))
     grouped = lambda rows, w: native.grouped_matmul_t(rows, sizes, w.values_t)
-    out = expert_ffn_t(x[order // k], w_in, w_gate, w_out, product=grouped)
-    per_pair = jnp.zeros((pairs, x.shape[-1]), jnp.float32).at[order].set(out)
-    return _combine(per_pair.reshape(n, k, -1), gates, experts).astype(x.dtype)
+    out = expert_ffn_t(x[order // experts.shape[1]], w_in, w_gate, w_out, product=grouped)
+    return _combine_grouped(out, order, gates, experts).astype(x.dtype)
 
 
 def bucket_sizes(limit: int) -> tuple[int, ...]:
@@ -415,6 +407,20 @@ def bucket_sizes(limit: int) -> tuple[int, ...]:
         sizes.update((base, base + base // 2))
         base *= 2
     return tuple(sorted(s for s in sizes if s <= limit))
+
+
+def _grouped_by_expert(experts: Int[Array, "n k"], count: int) -> tuple[Int[Array, "p"], Int[Array, "e"]]:
+    """The token-expert pair slots (flattened [n * k]) in expert order, and each expert's count."""
+    flat = experts.reshape(-1)
+    return jnp.argsort(flat, stable=True), jnp.sum(jax.nn.one_hot(flat, count, dtype=jnp.int32), axis=0)
+
+
+def _combine_grouped(
+    out: Float[Array, "p d"], order: Int[Array, "p"], gates: Float[Array, "n k"], experts: Int[Array, "n k"]
+) -> Float[Array, "n d"]:
+    """`_combine` of per-pair outputs given in expert order (`_grouped_by_expert`)."""
+    per_pair = jnp.zeros(out.shape, jnp.float32).at[order].set(out)
+    return _combine(per_pair.reshape(*experts.shape, -1), gates, experts)
 
 
 def _combine(per_pair: Float[Array, "n k d"], gates: Float[Array, "n k"], experts: Int[Array, "n k"]) -> Float[Array, "n d"]:
