@@ -155,12 +155,9 @@ class Engine:
         self._thread: threading.Thread | None = None
 
         sharder = grok.sharder
-        shape = model.cache_shape(config, max_batch, self.cache_len)
 
-        def cache() -> model.Cache:  # stacked for scanned layers, else one array per layer
-            if grok.scan_layers:
-                return sharder.zeros_cache(shape, model.cache_dtype())
-            return tuple(sharder.zeros_cache(shape[1:], model.cache_dtype()) for _ in range(config.num_layers))
+        def cache() -> model.Cache:
+            return model.empty_cache(config, max_batch, self.cache_len, grok.scan_layers, sharder.zeros_cache)
 
         self._memory = model.KVMemory(
             k=cache(),

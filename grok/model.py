@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import NamedTuple
 
 import haiku as hk
@@ -59,16 +60,23 @@ def cache_dtype() -> jnp.dtype:
     return jnp.float32 if jax.default_backend() == "cpu" else DTYPE
 
 
-def init_memory(config: GrokConfig, batch_size: int, length: int, stacked: bool = True) -> KVMemory:
-    """An empty cache of `length` positions for `batch_size` sequences; `stacked` for scanned
-    layers, else one array per layer (`Cache`)."""
+def empty_cache(
+    config: GrokConfig, batch_size: int, length: int, stacked: bool = True, zeros: Callable[..., Array] = jnp.zeros
+) -> Cache:
+    """Zeros for every layer's keys (or values) in `cache_dtype()`: one stacked array for scanned
+    layers, else one array per layer (`Cache`). `zeros(shape, dtype)` makes each array (e.g.
+    `Sharder.zeros_cache`, straight onto its devices)."""
     shape = cache_shape(config, batch_size, length)
-    zeros = (lambda: jnp.zeros(shape, cache_dtype())) if stacked else (
-        lambda: tuple(jnp.zeros(shape[1:], cache_dtype()) for _ in range(config.num_layers))
-    )
+    if stacked:
+        return zeros(shape, cache_dtype())
+    return tuple(zeros(shape[1:], cache_dtype()) for _ in range(config.num_layers))
+
+
+def init_memory(config: GrokConfig, batch_size: int, length: int, stacked: bool = True) -> KVMemory:
+    """An empty cache of `length` positions for `batch_size` sequences (see `empty_cache`)."""
     return KVMemory(
-        k=zeros(),
-        v=zeros(),
+        k=empty_cache(config, batch_size, length, stacked),
+        v=empty_cache(config, batch_size, length, stacked),
         mask=jnp.zeros((batch_size, length), bool),
         step=jnp.zeros((batch_size,), jnp.int32),
     )
