@@ -5,13 +5,16 @@ configuration (memory per device, compile time, communication) on a development 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from grok import model
 from grok.config import GrokConfig
+from grok.engine import row_settings, step_functions
 from grok.sharding import Sharder
 from grok.weights import model_shapes
 
@@ -27,7 +30,7 @@ def decode_inputs(
         shapes,
         sharder.param_shardings(shapes),
     )
-    cache = model.cache_shape(config, batch, cache_len)
+    cache = model.cache_shape(config, batch, cache_len, sharder.cache_heads(config))
     kv = sharder.cache_sharding(cache)
     rows = sharder.activation("tokens", (batch, 1))
     memory = model.KVMemory(
@@ -56,3 +59,41 @@ def compile_decode(
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     return compiled, memory, lowered_at - start, time.perf_counter() - lowered_at
+
+
+class Step(NamedTuple):
+    """One of the engine's programs lowered (for inspection or compiling) and how long it took,
+    with the jitted function and abstract arguments it was lowered from (for `jax.export`)."""
+
+    lowered: jax.stages.Lowered
+    lower_s: float
+    fn: jax.stages.Wrapped
+    args: tuple
+
+
+def engine_steps(
+    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, prefill_len: int, cache_dtype=model.DTYPE
+) -> dict[str, Step]:
+    """The engine's decode step (`batch` rows) and prefill chunk (one row of `prefill_len` tokens)
+    over a `batch` x `cache_len` cache, lowered for `decode_inputs`' abstract arguments: exactly
+    what `grok.engine.Engine` runs (`grok.engine.step_functions`)."""
+    params, token, memory = decode_inputs(config, sharder, batch, cache_len, cache_dtype)
+    apply = model.build(config, constrain=sharder.constrain).apply
+    prefill, decode = step_functions(apply, sharder.replicated())
+    replicated = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharder.replicated())
+    row = jax.tree.map(replicated, row_settings(1))
+    rows = jax.tree.map(replicated, row_settings(batch))
+    arguments = {
+        "decode": (decode, (params, memory, token, replicated(np.zeros(batch, np.int32)), rows)),
+        "prefill": (
+            prefill,
+            (params, memory, replicated(np.int32(0)), replicated(np.zeros((1, prefill_len), np.int32)),
+             replicated(np.int32(prefill_len)), replicated(np.bool_(True)), row),
+        ),
+    }
+    steps = {}
+    for name, (fn, args) in arguments.items():
+        start = time.perf_counter()
+        lowered = fn.lower(*args)
+        steps[name] = Step(lowered, time.perf_counter() - start, fn, args)
+    return steps

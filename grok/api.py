@@ -44,7 +44,11 @@ class Grok:
         self.config = config
         self.tokenizer = tokenizer
         self.sharder = sharder or single_device()
-        shardings = self.sharder.param_shardings(weights.model_shapes(config))
+        # The scales' layout depends on their row blocks: those of `params`, not the release's.
+        shapes = jax.tree.map(
+            weights.with_scale_blocks_of, weights.model_shapes(config), params, is_leaf=weights.is_weight
+        )
+        shardings = self.sharder.param_shardings(shapes)
         params = jax.tree.map(
             lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s else place(np.asarray(x), s),
             params, shardings,

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from grok.config import GrokConfig
 from grok.quant import QuantizedWeight8bit
-from grok.weights import Params, checkpoint_shapes, flatten, is_weight
+from grok.weights import Params, checkpoint_shapes, flatten, is_weight, model_path, quantized_shape, scale_block_count
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -249,6 +249,9 @@ def iter_checkpoint(
 ) -> Iterator[tuple[str, Weight]]:
     """Yield (parameter path, weight) in release file order, each checked against what `config` expects.
 
+    An 8-bit weight's scales may come in any number of row blocks that divides its input size, as
+    the file has them (`check_weight`), the same number in every layer of a parameter.
+
     Reads either format (see `checkpoint_format`). Only one weight is in memory at a time (plus
     whatever the caller keeps). With `lazy`, a safetensors weight's arrays are
     `grok.safetensors_checkpoint.StoredArray`s, which read only the bytes of the slice they are
@@ -270,10 +273,13 @@ def iter_checkpoint(
 
 def _iter_pickles(directory: Path, names: Sequence[str], expected: Sequence) -> Iterator[tuple[str, Weight]]:
     check_files_present(directory, names)
+    layers = LayerScaleBlocks()
     for i, (name, want) in enumerate(zip(names, expected)):
         path = directory / tensor_file_name(i)
+        label = f"{path} ({name})"
         weight = load_tensor(path)
-        check_weight(f"{path} ({name})", want, weight)
+        check_weight(label, want, weight)
+        layers.check(label, name, weight)
         yield name, weight
 
 
@@ -321,7 +327,11 @@ def check_files_present(directory: Path, names: Sequence[str]) -> None:
 
 
 def check_weight(label: str, want, found: Weight) -> None:
-    """`found` (arrays or anything with `shape` and `dtype`) has the kind, dtypes and shapes of `want`."""
+    """`found` (arrays or anything with `shape` and `dtype`) has the kind, dtypes and shapes of `want`.
+
+    An 8-bit weight's scales may have any number of row blocks that divides its input size (see
+    `_check_scales`), not only `want`'s.
+    """
     if isinstance(want, QuantizedWeight8bit):
         if not isinstance(found, QuantizedWeight8bit):
             raise CheckpointError(
@@ -329,13 +339,51 @@ def check_weight(label: str, want, found: Weight) -> None:
                 f"of shape {found.shape}"
             )
         _check_array(label, "weight", want.weight, found.weight)
-        _check_array(label, "scales", want.scales, found.scales)
+        _check_scales(label, want, found.scales)
     elif isinstance(found, QuantizedWeight8bit):
         raise CheckpointError(
             f"{label}: expected {np.dtype(want.dtype)} array of shape {tuple(want.shape)}, found an 8-bit weight"
         )
     else:
         _check_array(label, "array", want, found)
+
+
+class LayerScaleBlocks:
+    """Checks, weight after weight, that every layer of a stacked 8-bit parameter has its scales in the
+    same number of row blocks (the layers become one array of the model tree)."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[int, str]] = {}  # model parameter -> (row blocks, label of the first layer)
+
+    def check(self, label: str, name: str, weight) -> None:
+        """`weight`, parameter `name` (a checkpoint path) read from `label`, agrees with earlier layers."""
+        if not isinstance(weight, QuantizedWeight8bit):
+            return
+        path, leaf = name.rsplit("/", 1)
+        parameter = f"{model_path(path)[0]}/{leaf}"
+        blocks = scale_block_count(weight)
+        first_blocks, first = self._first.setdefault(parameter, (blocks, label))
+        if blocks != first_blocks:
+            raise CheckpointError(
+                f"{label}: scales in {blocks} row blocks, but {first} has {first_blocks}; every layer of "
+                f"{parameter} must have the same number"
+            )
+
+
+def _check_scales(label: str, want: QuantizedWeight8bit, found) -> None:
+    """Scales [..., nb, out] with `want`'s dtype and shape but for nb: any count >= 1 that divides the input rows."""
+    shape, rank, n_in = tuple(found.shape), len(want.scales.shape), want.shape[-2]
+    blocks = shape[-2] if len(shape) == rank else None
+    if blocks is not None and blocks >= 1 and n_in % blocks == 0:
+        _check_array(label, "scales", quantized_shape(want.shape, blocks).scales, found)
+        return
+    *lead, _, n_out = want.scales.shape
+    expected = "(" + ", ".join([*map(str, lead), "nb", str(n_out)]) + ")"
+    problem = f"{len(shape)} dimensions, not {rank}" if blocks is None else f"{blocks} row blocks do not divide {n_in}"
+    raise CheckpointError(
+        f"{label}: expected {np.dtype(want.scales.dtype)} scales of shape {expected}, nb row blocks dividing "
+        f"the {n_in} input rows; found {found.dtype} of shape {shape} ({problem})"
+    )
 
 
 def _check_array(label: str, what: str, want: jax.ShapeDtypeStruct, found: np.ndarray) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import runpy
 import sys
@@ -18,14 +19,14 @@ from grok.checkpoint import CheckpointError, find_checkpoint_dir
 from grok.config import load_config
 from grok.engine import Engine
 from grok.demo import DEMO_CONFIG, write_demo_checkpoint
-from grok.sharding import Sharder, load_rules, make_mesh, parse_mesh
+from grok.plan import choose_layout
+from grok.sharding import Sharder, load_rules, make_mesh, mesh_of, mesh_text, parse_mesh
 from grok.tokenizer import ByteTokenizer
 
 log = logging.getLogger("grok")
 
 DEFAULT_CHECKPOINT = Path("checkpoints/ckpt-0")
 DEFAULT_TOKENIZER = Path("checkpoints/tokenizer.model")
-DEFAULT_RULES = "tensor_parallel"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--config", default="grok-1", help="preset name or JSON config file (default: grok-1)")
     conv.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
+    pl = commands.add_parser(
+        "plan",
+        help="will the model fit a pod? per-device memory of a layout, compiled ahead of time (no weights)",
+        description="Count each device's parameter and KV-cache bytes and compile the engine's decode step "
+        "and largest prefill chunk abstractly, for the real shapes on N virtual CPU devices; no weight is "
+        "allocated or downloaded. Then say which common device sizes the total fits.",
+    )
+    pl.add_argument("--config", default="grok-1", help="preset name or JSON config file (default: grok-1)")
+    pl.add_argument("--mesh", metavar="AXIS=N,...", help="mesh shape (default: the recommendation for the devices)")
+    pl.add_argument("--rules", metavar="NAME_OR_PATH", help="partition rules (default: the recommendation)")
+    pl.add_argument("--batch", type=int, default=8, help="concurrent sequences, as serve's --max-batch (default: 8)")
+    pl.add_argument("--cache-len", type=int, help="KV-cache positions per sequence (default: the config's sequence_len)")
+    pl.add_argument(
+        "--cpu-devices", type=int, metavar="N", help="devices of the pod (default: the --mesh's size, else 8)"
+    )
+    pl.add_argument("--json", action="store_true", help="also print the plan as one JSON object, on the last line")
+    pl.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+
     bench = commands.add_parser(
         "bench",
         help="run the engine benchmark (bench/bench_engine.py; pass its flags after `bench`)",
@@ -142,25 +161,36 @@ def _model_flags() -> argparse.ArgumentParser:
     )
     shard = flags.add_argument_group(
         "sharding",
-        "A checkpoint is sharded over a (data, model) mesh of every device of every process. The demo "
+        "A checkpoint is sharded over a mesh of every device of every process, by default the layout "
+        "partition_rules/README.md recommends for the device count (`run.py plan` shows it). The demo "
         "runs on one device unless --mesh or --rules is given (or, with many processes, is replicated).",
     )
     shard.add_argument(
         "--mesh",
-        metavar="data=N,model=M",
-        help="mesh shape; N*M must be the total device count (default: data=1, model=all devices)",
+        metavar="AXIS=N,...",
+        help="mesh shape over the rules' axes, e.g. data=1,model=8 or data=1,expert=4,model=8; the sizes "
+        "multiply to the total device count (default: the recommendation for the device count)",
     )
     shard.add_argument(
         "--rules",
         metavar="NAME_OR_PATH",
-        help=f"partition rules: a shipped name (tensor_parallel, expert_parallel, replicated) or a .toml "
-        f"file (default: {DEFAULT_RULES})",
+        help="partition rules: a shipped name (tensor_parallel, expert_tensor_parallel, expert_parallel, "
+        "replicated) or a .toml file (default: the recommendation for the device count, or the one "
+        "whose axes --mesh names)",
     )
     multi = flags.add_argument_group(
         "many processes",
         f"Each flag falls back to an environment variable ({distributed.ENV_COORDINATOR}, "
-        f"{distributed.ENV_NUM_PROCESSES}, {distributed.ENV_PROCESS_ID}); without a coordinator this is "
-        "a single process.",
+        f"{distributed.ENV_NUM_PROCESSES}, {distributed.ENV_PROCESS_ID}, {distributed.ENV_DISTRIBUTED}). "
+        "Without a coordinator, a cluster that JAX recognizes (SLURM srun, Open MPI mpirun, a Cloud TPU pod "
+        "slice, a Kubernetes indexed Job) is joined automatically; else this is a single process.",
+    )
+    multi.add_argument(
+        "--distributed",
+        choices=distributed.MODES,
+        help="auto (default): with no --coordinator, detect a cluster of several processes and call "
+        "jax.distributed.initialize() with no arguments; off: never detect (a single process unless "
+        "--coordinator is given)",
     )
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
     multi.add_argument("--num-processes", type=int, metavar="N", help="number of processes taking part")
@@ -181,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "generate")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    commands = {"generate": generate, "serve": serve, "download": download, "convert": convert, "bench": bench}
+    commands = {
+        "generate": generate, "serve": serve, "plan": plan, "download": download, "convert": convert, "bench": bench
+    }
     try:
         return commands[args.command](args)
     except (CheckpointError, FileNotFoundError, ValueError) as err:  # ShardingError is a ValueError
@@ -197,30 +229,44 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _check_layout_flags(args: argparse.Namespace) -> None:
+    """--rules and --mesh (against the rules' axes) checked before anything slow starts."""
+    rules = load_rules(args.rules) if args.rules is not None else None
+    if args.mesh is not None:
+        parse_mesh(args.mesh, rules)
+
+
 def _load_model(args: argparse.Namespace, prompt_ids_given: bool = False) -> Grok:
     """The model the flags describe: a checkpoint (sharded) or the demo, after starting jax.distributed."""
-    mesh_shape = parse_mesh(args.mesh) if args.mesh is not None else {}
     cpu_format = WEIGHT_FORMATS[args.weight_format]
     checkpoint = args.checkpoint
     if checkpoint is None and Path("checkpoints").is_dir():
         checkpoint = find_checkpoint_dir("checkpoints")  # safetensors/, else ckpt-0/, else ckpt/
+    config = load_config(args.config) if checkpoint is not None else DEMO_CONFIG
     sharded = checkpoint is not None or args.mesh is not None or args.rules is not None
-    rules = load_rules(args.rules or DEFAULT_RULES) if sharded else None
     try:
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
+        distributed.initialize(
+            args.coordinator, args.num_processes, args.process_id, args.cpu_devices, args.distributed
+        )
     except RuntimeError as err:
         raise ValueError(f"could not start the distributed run: {str(err).strip().splitlines()[0]}") from None
     # Only from here on may JAX touch devices.
     lead = jax.process_index() == 0
     if not lead:
         logging.getLogger().setLevel(logging.WARNING)
-    if rules is None and jax.process_count() > 1:
+    sharder = None
+    if sharded:
+        rules, shape = choose_layout(config, jax.device_count(), args.rules, args.mesh)
+        sharder = Sharder(rules, mesh_of(shape))
+    elif jax.process_count() > 1:
         # The demo's single-device path would leave the other processes without a device to run on;
         # its 2 key/value heads do not split over most meshes, so keep the whole model on every device.
-        rules = load_rules("replicated")
-    sharder = Sharder(rules, make_mesh(**mesh_shape)) if rules is not None else None
+        sharder = Sharder(load_rules("replicated"), make_mesh())
     if sharder is not None:
-        log.info("mesh %s, %d process(es), rules %s", dict(sharder.mesh.shape), jax.process_count(), rules.source)
+        log.info(
+            "mesh %s, %d process(es), rules %s", mesh_text(dict(sharder.mesh.shape)), jax.process_count(),
+            sharder.rules.source,
+        )
         if cpu_format and sharder.mesh.size > 1:
             raise ValueError(f"--weight-format cpu needs a single device; this mesh has {sharder.mesh.size}")
     if checkpoint is None:
@@ -243,10 +289,7 @@ def generate(args: argparse.Namespace) -> int:
     # Everything that needs no devices is checked first, so bad flags fail before anything slow.
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     prompt = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
-    if args.mesh is not None:
-        parse_mesh(args.mesh)
-    if args.rules is not None:
-        load_rules(args.rules)
+    _check_layout_flags(args)
     model = _load_model(args, prompt_ids_given=args.prompt_ids is not None)
     lead = jax.process_index() == 0
     result = model.generate(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)
@@ -262,14 +305,34 @@ def generate(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from grok import server  # the HTTP stack is only imported when serving
 
-    if args.mesh is not None:
-        parse_mesh(args.mesh)
+    _check_layout_flags(args)
     model = _load_model(args)
     engine = Engine(model, max_batch=args.max_batch, cache_len=args.cache_len)
     api_key = args.api_key or os.environ.get(server.API_KEY_ENV)
     log.info("serving %s on http://%s:%d (API key %s)", args.model_name, args.host, args.port,
              "required" if api_key else "not required")
     server.serve(engine, args.host, args.port, args.model_name, api_key, args.max_queue)
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    from grok.plan import make_plan
+
+    config = load_config(args.config)
+    cache_len = args.cache_len or config.sequence_len
+    if not 1 <= cache_len <= config.sequence_len:
+        raise ValueError(f"--cache-len must be in 1..{config.sequence_len} (the config's sequence_len), got {cache_len}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    rules = load_rules(args.rules) if args.rules is not None else None
+    devices = args.cpu_devices or (math.prod(parse_mesh(args.mesh, rules).values()) if args.mesh else 8)
+    distributed.initialize(None, None, None, devices, "off")
+    rules, shape = choose_layout(config, devices, args.rules, args.mesh)
+    print(f"Planning {args.config} on {devices} devices (virtual CPU devices; compiling takes under a minute)...", flush=True)
+    result = make_plan(config, Sharder(rules, mesh_of(shape)), args.batch, cache_len)
+    print(result.describe())
+    if args.json:
+        print(result.to_json())
     return 0
 
 

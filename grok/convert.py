@@ -18,13 +18,14 @@ import numpy as np
 from tqdm import tqdm
 
 from grok import checkpoint
-from grok.checkpoint import SAFETENSORS_INDEX, CheckpointError, PathLike
+from grok.checkpoint import SAFETENSORS_INDEX, CheckpointError, PathLike, Weight
 from grok.config import GrokConfig
 from grok.safetensors_checkpoint import (
     FORMAT,
     file_name,
     open_file,
     tensor_keys,
+    weight_of,
     write_file,
     write_index,
 )
@@ -66,19 +67,23 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
 
     weight_map: dict[str, str] = {}
     total_size = kept = 0
+    layers = checkpoint.LayerScaleBlocks()
     bar = tqdm(list(zip(names, expected)), desc=f"converting {src} -> {dst}", unit="file", disable=not progress)
     for i, (name, want) in enumerate(bar):
         out = dst / file_name(i)
-        wanted = tensor_keys(name, want)
-        weight_map.update(dict.fromkeys(wanted, out.name))
-        total_size += sum(_nbytes(array) for array in wanted.values())
-        if _is_complete(out, wanted):
+        weight_map.update(dict.fromkeys(tensor_keys(name, want), out.name))
+        converted = _converted(out, name, want)
+        if converted is not None:
+            layers.check(f"{out} ({name})", name, converted)
+            total_size += sum(_nbytes(array) for array in tensor_keys(name, converted).values())
             kept += 1
             continue
         source = src / checkpoint.tensor_file_name(i)
         weight = checkpoint.load_tensor(source)
         checkpoint.check_weight(f"{source} ({name})", want, weight)
-        write_file(out, tensor_keys(name, weight), {"format": FORMAT, "source": source.name, "name": name})
+        layers.check(f"{source} ({name})", name, weight)
+        metadata = {"format": FORMAT, "source": source.name, "name": name}
+        total_size += write_file(out, tensor_keys(name, weight), metadata)
         del weight  # before the next file is read
     write_index(dst, weight_map, total_size)
     resumed = f" ({kept} files were already converted)" if kept else ""
@@ -99,21 +104,18 @@ def _check_output_dir(dst: Path, count: int) -> None:
         )
 
 
-def _is_complete(path: Path, wanted: dict) -> bool:
-    """`path` is a valid safetensors file holding exactly the `wanted` tensors with their dtypes and shapes."""
+def _converted(path: Path, name: str, want) -> Weight | None:
+    """Weight `name` as `path` holds it (its tensors, unread) if that is a valid safetensors file holding
+    exactly this weight's tensors with dtypes and shapes `check_weight` accepts for `want`; else None."""
     if not path.is_file():
-        return False
+        return None
     try:
         handle = open_file(path)
-        if set(handle.keys()) != set(wanted):
-            return False
-        for key, want in wanted.items():
-            stored = handle.array(key)
-            if stored.dtype != np.dtype(want.dtype) or stored.shape != tuple(want.shape):
-                return False
+        weight = weight_of(str(path), name, {key: handle.array(key) for key in handle.keys()})
+        checkpoint.check_weight(str(path), want, weight)
     except CheckpointError:
-        return False
-    return True
+        return None
+    return weight
 
 
 def _nbytes(array) -> int:

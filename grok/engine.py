@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from grok import model
 from grok.loader import place
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 8  # alternatives reported per token, at most (the reference reports 8)
+PREFILL_CHUNK = 512  # prompt tokens prefilled per call, at most (the largest bucket)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +140,7 @@ class _Slot:
 class Engine:
     """Continuous batching over `max_batch` slots of `cache_len` positions each."""
 
-    def __init__(self, grok: Grok, max_batch: int = 8, cache_len: int | None = None, prefill_chunk: int = 512):
+    def __init__(self, grok: Grok, max_batch: int = 8, cache_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
         config = grok.config
         self.grok = grok
         self.max_batch = max_batch
@@ -157,7 +159,9 @@ class Engine:
         sharder = grok.sharder
 
         def cache() -> model.Cache:
-            return model.empty_cache(config, max_batch, self.cache_len, grok.scan_layers, sharder.zeros_cache)
+            return model.empty_cache(
+                config, max_batch, self.cache_len, grok.scan_layers, sharder.zeros_cache, sharder.cache_heads(config)
+            )
 
         self._memory = model.KVMemory(
             k=cache(),
@@ -165,18 +169,8 @@ class Engine:
             mask=sharder.put(np.zeros((max_batch, self.cache_len), bool), "tokens"),
             step=sharder.put(np.zeros((max_batch, 1), np.int32), "tokens")[:, 0],
         )
-        self._settings = {
-            "seed": np.zeros(max_batch, np.uint32),
-            "temperature": np.zeros(max_batch, np.float32),
-            "top_p": np.ones(max_batch, np.float32),
-            "top_k": np.zeros(max_batch, np.int32),
-        }
-        apply = grok.apply
-        replicated = sharder.replicated()
-        self._prefill = jax.jit(
-            functools.partial(_prefill_slot, apply), out_shardings=(replicated, None), donate_argnums=1
-        )
-        self._decode = jax.jit(functools.partial(_decode_all, apply), out_shardings=(replicated, None), donate_argnums=1)
+        self._settings = row_settings(max_batch)
+        self._prefill, self._decode = step_functions(grok.apply, sharder.replicated())
 
     # ------------------------------------------------------------------ public API
 
@@ -404,6 +398,24 @@ def _choose(logits, positions, settings):
     top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen, top_ids, top_logprobs
+
+
+def row_settings(rows: int) -> dict[str, np.ndarray]:
+    """Per-row sampling settings as the step functions take them, set to greedy decoding."""
+    return {
+        "seed": np.zeros(rows, np.uint32),
+        "temperature": np.zeros(rows, np.float32),
+        "top_p": np.ones(rows, np.float32),
+        "top_k": np.zeros(rows, np.int32),
+    }
+
+
+def step_functions(apply: Callable, replicated: NamedSharding) -> tuple[Callable, Callable]:
+    """The engine's two jitted programs, the cache donated and sampled outputs replicated:
+    `prefill(params, memory, slot, tokens [1, T], length, reset, settings of the row)` and
+    `decode(params, memory, tokens [B, 1], active [B], settings)` (also compiled by `grok.plan`)."""
+    jit = functools.partial(jax.jit, out_shardings=(replicated, None), donate_argnums=1)
+    return jit(functools.partial(_prefill_slot, apply)), jit(functools.partial(_decode_all, apply))
 
 
 def _prefill_slot(apply, params, memory, slot, tokens, length, reset, settings):

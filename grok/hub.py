@@ -13,7 +13,9 @@ expects is there with a plausible size, and that the tokenizer is there.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from pathlib import Path
 
 import httpx2
@@ -33,7 +35,7 @@ from grok.checkpoint import (
 )
 from grok.config import GrokConfig
 from grok.quant import QuantizedWeight8bit
-from grok.weights import checkpoint_shapes, flatten
+from grok.weights import checkpoint_shapes, flatten, quantized_shape
 
 log = logging.getLogger("grok")
 
@@ -116,8 +118,9 @@ def verify_download(local_dir: PathLike, config: GrokConfig) -> None:
 
     `local_dir` is the directory given to `download`. Every tensor file the config expects must be
     in `local_dir/ckpt-0` (or `local_dir/ckpt`) with at least the bytes of its arrays and at most
-    `PICKLE_OVERHEAD` more, no other tensor file may be there, and `local_dir/tokenizer.model` must
-    be a non-empty file.
+    `PICKLE_OVERHEAD` more (for an 8-bit weight, with its scales in any number of row blocks that
+    divides its input size; sizes reported are the release's), no other tensor file may be there,
+    and `local_dir/tokenizer.model` must be a non-empty file.
     Raises `CheckpointError` saying what is missing, short or unexpected (the first few names of
     each, and how many).
     """
@@ -130,10 +133,13 @@ def verify_download(local_dir: PathLike, config: GrokConfig) -> None:
         if not path.is_file():
             missing.append(f"{path.name} ({name})")
             continue
-        size, low = path.stat().st_size, _payload_bytes(want)
+        size, payloads = path.stat().st_size, _payloads(want)
+        if any(low <= size <= low + PICKLE_OVERHEAD for low in payloads):
+            continue
+        low = _payload_bytes(want)  # as released
         if size < low:
             short.append(f"{path.name} ({name}: {size:,} of at least {low:,} bytes)")
-        elif size > low + PICKLE_OVERHEAD:
+        else:
             long.append(f"{path.name} ({name}: {size:,} bytes, expected at most {low + PICKLE_OVERHEAD:,})")
     wanted = {tensor_file_name(i) for i in range(len(names))}
     unexpected = sorted(tensor_files(directory) - wanted) if directory.is_dir() else []
@@ -163,6 +169,20 @@ def _downloaded_checkpoint_dir(local_dir: Path) -> Path:
         if (local_dir / name).is_dir():
             return local_dir / name
     return local_dir / CHECKPOINT_SUBDIR  # reported as missing all its files
+
+
+def _payloads(want) -> list[int]:
+    """Bytes of the arrays of weight `want` as it may be stored: an 8-bit one with its scales in any
+    number of row blocks that divides its input size (`grok.checkpoint.check_weight`)."""
+    if not isinstance(want, QuantizedWeight8bit):
+        return [_payload_bytes(want)]
+    return [_payload_bytes(quantized_shape(want.shape, nb)) for nb in _divisors(want.shape[-2])]
+
+
+@functools.cache
+def _divisors(n: int) -> tuple[int, ...]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return tuple(sorted({*small, *(n // d for d in small)}))
 
 
 def _payload_bytes(weight) -> int:

@@ -42,13 +42,22 @@ def place_params(params: weights.Params, shardings: weights.Params) -> weights.P
 
 
 def load_sharded(directory: str | Path, config: GrokConfig, sharder: Sharder, progress: bool = True) -> weights.Params:
-    """Read a checkpoint (either format) into the model tree, every weight placed by the sharder's rules."""
+    """Read a checkpoint (either format) into the model tree, every weight placed by the sharder's rules.
+
+    8-bit weights keep the scale blocks the files have; their scales are laid out for that count.
+    """
     shapes = weights.model_shapes(config)
-    shardings = sharder.param_shardings(shapes)
+    shardings = sharder.param_shardings(shapes)  # every rule checked before anything is read
     params: weights.Params = {path: {} for path in shapes}
     for name, weight in checkpoint.iter_checkpoint(directory, config, progress=progress, lazy=True):
         path, leaf = name.rsplit("/", 1)
         stacked, layer = weights.model_path(path)
+        shape = weights.with_scale_blocks_of(shapes[stacked][leaf], weight)
+        if shape != shapes[stacked][leaf]:
+            # Scales in other row blocks than the release's, the same in every layer (`iter_checkpoint`
+            # checks): learnt from the parameter's first file, before its stacked array is made.
+            shapes[stacked][leaf] = shape
+            shardings = sharder.param_shardings(shapes)
         target = shardings[stacked][leaf]
         if layer is None:
             params[path][leaf] = jax.tree.map(_place_from_file, weight, target)

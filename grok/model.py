@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 from grok import ops
 from grok.config import GrokConfig
 from grok.quant import F32Table, F32Weight, QuantizedWeight8bit, dequantize, to_f32_table, to_f32_weight
-from grok.sharding import Constrain, no_constraint
+from grok.sharding import Constrain, Sharder, no_constraint
 
 DTYPE = jnp.bfloat16  # activations ("fprop dtype") of the released model
 
@@ -47,10 +47,22 @@ class KVMemory(NamedTuple):
     step: Int[Array, "b"]
 
 
-def cache_shape(config: GrokConfig, batch_size: int, length: int) -> tuple[int, int, int, int, int]:
+def cache_shape(
+    config: GrokConfig, batch_size: int, length: int, kv_heads: int | None = None
+) -> tuple[int, int, int, int, int]:
     """[layers, b, kv heads, positions, head size]: each head's keys (or values) are contiguous,
-    laid out as the attention products read them, so no step transposes the cache."""
-    return (config.num_layers, batch_size, config.num_kv_heads, length, config.key_size)
+    laid out as the attention products read them, so no step transposes the cache.
+
+    `kv_heads` defaults to the config's; a sharded cache may hold each head repeated
+    (`grok.sharding.Sharder.cache_heads`), and attention follows the cache it is given."""
+    return (config.num_layers, batch_size, kv_heads or config.num_kv_heads, length, config.key_size)
+
+
+# A cache may also hold its bf16 values as raw 16-bit words: the same bits, read and written through
+# free bitcasts. `grok.plan` compiles with such a cache, because XLA:CPU cannot scatter bf16 and
+# would convert the whole cache to f32 and back around each write (two whole-cache temporaries an
+# accelerator never makes); a scatter of uint16 words is done in place.
+WORDS = jnp.uint16
 
 
 def cache_dtype() -> jnp.dtype:
@@ -61,22 +73,29 @@ def cache_dtype() -> jnp.dtype:
 
 
 def empty_cache(
-    config: GrokConfig, batch_size: int, length: int, stacked: bool = True, zeros: Callable[..., Array] = jnp.zeros
+    config: GrokConfig,
+    batch_size: int,
+    length: int,
+    stacked: bool = True,
+    zeros: Callable[..., Array] = jnp.zeros,
+    kv_heads: int | None = None,
 ) -> Cache:
     """Zeros for every layer's keys (or values) in `cache_dtype()`: one stacked array for scanned
     layers, else one array per layer (`Cache`). `zeros(shape, dtype)` makes each array (e.g.
-    `Sharder.zeros_cache`, straight onto its devices)."""
-    shape = cache_shape(config, batch_size, length)
+    `Sharder.zeros_cache`, straight onto its devices); `kv_heads` as in `cache_shape`."""
+    shape = cache_shape(config, batch_size, length, kv_heads)
     if stacked:
         return zeros(shape, cache_dtype())
     return tuple(zeros(shape[1:], cache_dtype()) for _ in range(config.num_layers))
 
 
-def init_memory(config: GrokConfig, batch_size: int, length: int, stacked: bool = True) -> KVMemory:
+def init_memory(
+    config: GrokConfig, batch_size: int, length: int, stacked: bool = True, kv_heads: int | None = None
+) -> KVMemory:
     """An empty cache of `length` positions for `batch_size` sequences (see `empty_cache`)."""
     return KVMemory(
-        k=empty_cache(config, batch_size, length, stacked),
-        v=empty_cache(config, batch_size, length, stacked),
+        k=empty_cache(config, batch_size, length, stacked, kv_heads=kv_heads),
+        v=empty_cache(config, batch_size, length, stacked, kv_heads=kv_heads),
         mask=jnp.zeros((batch_size, length), bool),
         step=jnp.zeros((batch_size,), jnp.int32),
     )
@@ -148,20 +167,31 @@ class MultiHeadAttention(hk.Module):
         layer: int | Int[Array, ""],
     ) -> tuple[Float[Array, "b t d"], KVMemory]:
         """Attend from x's tokens over layer `layer` of the cache, after writing their keys and
-        values there (each row at its own offset `memory.step[b]`); returns the updated cache."""
+        values there (each row at its own offset `memory.step[b]`); returns the updated cache.
+
+        A cache of r times num_kv_heads heads holds each kv head r times over (`cache_shape`):
+        the new keys and values are repeated to match, each copy serving G/r query heads."""
         c = self.config
         b, t, _ = x.shape
-        def project(name: str, heads: int) -> Array:
-            out = Linear(heads * c.key_size, name=name)(x).reshape(b, t, heads, c.key_size)
-            return self.constrain(out, "heads")
+        cache_heads = memory.k[0].shape[-3] if isinstance(memory.k, tuple) else memory.k.shape[-3]
+        if cache_heads % c.num_kv_heads or c.heads_per_kv_head % (cache_heads // c.num_kv_heads):
+            raise ValueError(
+                f"a cache of {cache_heads} kv heads cannot serve {c.num_q_heads} query heads in "
+                f"{c.num_kv_heads} groups: it must hold each kv head r times, r dividing {c.heads_per_kv_head}"
+            )
 
+        def project(name: str, heads: int, repeat: int = 1) -> Array:
+            out = Linear(heads * c.key_size, name=name)(x).reshape(b, t, heads, c.key_size)
+            return self.constrain(jnp.repeat(out, repeat, axis=2), "heads")
+
+        repeat = cache_heads // c.num_kv_heads
         q = ops.apply_rope(project("query", c.num_q_heads), positions)
-        k = ops.apply_rope(project("key", c.num_kv_heads), positions)
-        v = project("value", c.num_kv_heads)
+        k = ops.apply_rope(project("key", c.num_kv_heads, repeat), positions)
+        v = project("value", c.num_kv_heads, repeat)
         memory = memory._replace(
             k=_write_layer(memory.k, k, layer, memory.step), v=_write_layer(memory.v, v, layer, memory.step)
         )
-        k_layer, v_layer = (self.constrain(cache[layer], "kv_cache") for cache in (memory.k, memory.v))
+        k_layer, v_layer = (self.constrain(_values(cache[layer]), "kv_cache") for cache in (memory.k, memory.v))
         attended = ops.attention(q, k_layer, v_layer, mask, c.attn_output_multiplier, native_kernels=not sharded(self.constrain))
         out = self.constrain(attended, "heads")
         out = Linear(c.emb_size, name="linear")(out.reshape(b, t, c.num_q_heads * c.key_size))
@@ -179,9 +209,21 @@ def _write_layer(cache: Cache, update: Float[Array, "b t kv d"], layer: int | In
     b, t = update.shape[:2]
     rows, positions = jnp.arange(b)[:, None], step[:, None] + jnp.arange(t)[None, :]
     if isinstance(cache, tuple):
-        written = cache[layer].at[rows, :, positions].set(update.astype(cache[layer].dtype), mode="drop")
+        written = _scatter(cache[layer], (rows, slice(None), positions), update)
         return cache[:layer] + (written,) + cache[layer + 1 :]
-    return cache.at[layer, rows, :, positions].set(update.astype(cache.dtype), mode="drop")
+    return _scatter(cache, (layer, rows, slice(None), positions), update)
+
+
+def _scatter(x: Array, index: tuple, update: Array) -> Array:
+    """`x.at[index].set(update)` in the cache's storage dtype, out-of-range positions dropped."""
+    if x.dtype == WORDS:
+        update = jax.lax.bitcast_convert_type(update.astype(DTYPE), WORDS)
+    return x.at[index].set(update.astype(x.dtype), mode="drop")
+
+
+def _values(x: Array) -> Array:
+    """A cache layer's values: bf16 words (`WORDS`) read as bf16, any other dtype as it is."""
+    return jax.lax.bitcast_convert_type(x, DTYPE) if x.dtype == WORDS else x
 
 
 class MoELayer(hk.Module):
@@ -295,7 +337,7 @@ def forward(
     """
     b, t = tokens.shape
     if memory is None:
-        memory = init_memory(config, b, t, stacked=scan_layers)
+        memory = init_memory(config, b, t, stacked=scan_layers, kv_heads=cache_heads(config, constrain))
     if lengths is None:
         lengths = jnp.full((b,), t, jnp.int32)
     positions = memory.step[:, None] + jnp.arange(t)[None, :]
@@ -390,19 +432,31 @@ def f32_params(params: dict) -> dict:
     return out
 
 
+def _sharder(constrain: Constrain) -> Sharder | None:
+    """The `grok.sharding.Sharder` whose `constrain` this is, if any."""
+    sharder = getattr(constrain, "__self__", None)
+    return sharder if isinstance(sharder, Sharder) else None
+
+
 def sharded(constrain: Constrain) -> bool:
     """Whether `constrain` is a `grok.sharding.Sharder.constrain` over more than one device."""
-    mesh = getattr(getattr(constrain, "__self__", None), "mesh", None)
-    return mesh is not None and mesh.size > 1
+    sharder = _sharder(constrain)
+    return sharder is not None and sharder.mesh.size > 1
+
+
+def cache_heads(config: GrokConfig, constrain: Constrain) -> int:
+    """The kv heads of a cache laid out for `constrain` (`grok.sharding.Sharder.cache_heads`)."""
+    sharder = _sharder(constrain)
+    return config.num_kv_heads if sharder is None else sharder.cache_heads(config)
 
 
 def experts_split(constrain: Constrain) -> bool:
     """Whether `constrain` is a `grok.sharding.Sharder.constrain` whose rules split the expert axis
     of the expert weights over more than one device (expert parallelism)."""
-    sharder = getattr(constrain, "__self__", None)
-    rules, mesh = getattr(sharder, "rules", None), getattr(sharder, "mesh", None)
-    if rules is None or mesh is None:
+    sharder = _sharder(constrain)
+    if sharder is None:
         return False
+    rules, mesh = sharder.rules, sharder.mesh
     path = "transformer/decoder_layer/moe/linear/w"
     rule = next((r for r in rules.params if re.search(r.pattern, path)), None)
     if rule is None or not len(rule.spec) or rule.spec[0] is None:

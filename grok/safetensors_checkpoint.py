@@ -38,7 +38,14 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from grok.checkpoint import SAFETENSORS_INDEX, CheckpointError, Weight, atomic_write, check_weight
+from grok.checkpoint import (
+    SAFETENSORS_INDEX,
+    CheckpointError,
+    LayerScaleBlocks,
+    Weight,
+    atomic_write,
+    check_weight,
+)
 from grok.quant import QuantizedWeight8bit
 
 FORMAT = "grok-1-safetensors"
@@ -293,8 +300,9 @@ def iter_weights(directory: Path, names: Sequence[str], expected: Sequence) -> I
     """Yield (name, weight of `StoredArray`s) for the expected weights, each checked against its shape.
 
     The index must list exactly the expected weights (errors name the index and the parameter);
-    each weight's file and tensors must exist with the expected dtypes and shapes (errors name the
-    file and the parameter). No tensor data is read here.
+    each weight's file and tensors must exist with the expected dtypes and shapes, 8-bit scales in
+    any row blocks `check_weight` admits (errors name the file and the parameter). No tensor data
+    is read here.
     """
     weight_map = read_index(directory)
     index_path = directory / SAFETENSORS_INDEX
@@ -312,6 +320,7 @@ def iter_weights(directory: Path, names: Sequence[str], expected: Sequence) -> I
             raise CheckpointError(f"{index_path}: has no entry for {name}{hint}")
 
     handles: dict[str, StoredFile] = {}  # file name -> open file, for the files of the current weight
+    layers = LayerScaleBlocks()
     for name, want in zip(names, expected):
         keys = stored[name]
         files = {weight_map[key] for key in keys}
@@ -323,16 +332,21 @@ def iter_weights(directory: Path, names: Sequence[str], expected: Sequence) -> I
             if key not in handle.keys():
                 raise CheckpointError(f"{directory / weight_map[key]} ({name}): holds no tensor {key}")
             arrays[key] = handle.array(key)
-        if set(keys) == {f"{name}.{part}" for part in _QUANTIZED_PARTS}:
-            found = QuantizedWeight8bit(**{part: arrays[f"{name}.{part}"] for part in _QUANTIZED_PARTS})
-        elif keys == [name]:
-            found = arrays[name]
-        else:
-            raise CheckpointError(
-                f"{label}: stored as tensors {sorted(keys)}; expected either {name} or {name}.weight and {name}.scales"
-            )
+        found = weight_of(label, name, arrays)
         check_weight(label, want, found)
+        layers.check(label, name, found)
         yield name, found
+
+
+def weight_of(label: str, name: str, arrays: Mapping[str, StoredArray]) -> Weight:
+    """Weight `name` from its stored tensors (tensor name -> array): `NAME`, or `NAME.weight` and `NAME.scales`."""
+    if set(arrays) == {f"{name}.{part}" for part in _QUANTIZED_PARTS}:
+        return QuantizedWeight8bit(**{part: arrays[f"{name}.{part}"] for part in _QUANTIZED_PARTS})
+    if list(arrays) == [name]:
+        return arrays[name]
+    raise CheckpointError(
+        f"{label}: stored as tensors {sorted(arrays)}; expected either {name} or {name}.weight and {name}.scales"
+    )
 
 
 def _group_by_weight(weight_map: Mapping[str, str]) -> dict[str, list[str]]:

@@ -4,15 +4,21 @@ A rules file has two tables (see partition_rules/README.md):
 - `[params]`: regex over a model parameter path (`transformer/decoder_layer/moe/linear/w`) ->
   one entry per dimension of the weight as stored per layer; the stacked layer axis is added here.
 - `[activations]`: a named activation or cache tensor -> one entry per dimension.
-A dimension entry is a mesh axis ("data", "model"), a list of axes, or "-" (not split); an empty
-list means the tensor is not split at all, whatever its rank.
+- `[mesh]` (optional): `axes = ["data", "expert", "model"]`, the mesh axes the file uses, in mesh
+  order (default `["data", "model"]`); `--mesh` must give exactly these.
+A dimension entry is a mesh axis, a list of axes, or "-" (not split); an empty list means the
+tensor is not split at all, whatever its rank.
 Matching is strict: a parameter no rule matches, a rule that matches nothing, an unknown axis or a
-split that does not divide its dimension is an error naming the file, the rule and the parameter.
+weight split that does not divide its dimension is an error naming the file, the rule and the
+parameter. Activations bend where they must (`Sharder.activation`): a batch or head dimension that
+does not divide over its axes stays whole, and key/value heads are repeated over a model axis
+larger than their count (`Sharder.cache_heads`). Both change only where numbers live, never the numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -27,7 +33,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from grok.quant import QuantizedWeight8bit
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "partition_rules"
-MESH_AXES = ("data", "model")
+MESH_AXES = ("data", "model")  # the axes of a rules file with no [mesh] table
 UNSPLIT = "-"
 _STACKED_LAYERS = "transformer/decoder_layer/"
 
@@ -39,6 +45,10 @@ ACTIVATIONS = {
     "kv_cache": "[batch, kv_heads, cache_len, head_size] (one layer's keys or values)",
     "logits": "[batch, time, vocab]",
 }
+
+
+# The head dimension of the activations that carry one (see `Sharder.activation`).
+_HEAD_DIM = {"heads": 2, "kv_cache": 1}
 
 
 class ShardingError(ValueError):
@@ -54,11 +64,12 @@ class Rule:
 @dataclasses.dataclass(frozen=True)
 class PartitionRules:
     source: str  # the file the rules came from, for error messages
+    axes: tuple[str, ...]  # the mesh axes, in mesh order
     params: tuple[Rule, ...]
     activations: dict[str, PartitionSpec]
 
 
-def _spec(entries, where: str) -> PartitionSpec:
+def _spec(entries, where: str, mesh_axes: tuple[str, ...]) -> PartitionSpec:
     if not isinstance(entries, list):
         raise ShardingError(f"{where}: a spec must be a list with one entry per dimension, got {entries!r}")
     dims = []
@@ -67,8 +78,8 @@ def _spec(entries, where: str) -> PartitionSpec:
         for axis in axes:
             if not isinstance(axis, str):
                 raise ShardingError(f"{where}: spec entry {axis!r} is not an axis name or {UNSPLIT!r}")
-            if axis != UNSPLIT and axis not in MESH_AXES:
-                raise ShardingError(f"{where}: unknown mesh axis {axis!r} (the mesh axes are {MESH_AXES})")
+            if axis != UNSPLIT and axis not in mesh_axes:
+                raise ShardingError(f"{where}: unknown mesh axis {axis!r} (the file's mesh axes are {mesh_axes})")
         if entry == UNSPLIT:
             dims.append(None)
         elif isinstance(entry, list):
@@ -92,9 +103,10 @@ def load_rules(name_or_path: str | os.PathLike) -> PartitionRules:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ShardingError(f"{path}: not valid TOML: {err}") from None
-    unknown = set(data) - {"params", "activations"}
+    unknown = set(data) - {"params", "activations", "mesh"}
     if unknown or "params" not in data or "activations" not in data:
-        raise ShardingError(f"{path}: expected exactly the tables [params] and [activations]")
+        raise ShardingError(f"{path}: expected the tables [params] and [activations], and optionally [mesh]")
+    axes = _mesh_axes(data.get("mesh", {"axes": list(MESH_AXES)}), path)
     rules = []
     for pattern, entries in data["params"].items():
         where = f"{path}: rule {pattern!r}"
@@ -102,48 +114,94 @@ def load_rules(name_or_path: str | os.PathLike) -> PartitionRules:
             re.compile(pattern)
         except re.error as err:
             raise ShardingError(f"{where}: regex does not compile: {err}") from None
-        rules.append(Rule(pattern, _spec(entries, where)))
+        rules.append(Rule(pattern, _spec(entries, where, axes)))
     activations = {}
     for name, entries in data["activations"].items():
         if name not in ACTIVATIONS:
             raise ShardingError(f"{path}: unknown activation {name!r} (known: {', '.join(ACTIVATIONS)})")
-        activations[name] = _spec(entries, f"{path}: activation {name!r}")
+        activations[name] = _spec(entries, f"{path}: activation {name!r}", axes)
     missing = sorted(set(ACTIVATIONS) - set(activations))
     if missing:
         raise ShardingError(f"{path}: no spec for activation(s) {', '.join(missing)}")
-    return PartitionRules(source=str(path), params=tuple(rules), activations=activations)
+    return PartitionRules(source=str(path), axes=axes, params=tuple(rules), activations=activations)
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """`"data=1,model=8"` -> {"data": 1, "model": 8}; both axes must be given."""
+def _mesh_axes(table, path: Path) -> tuple[str, ...]:
+    """The `[mesh]` table's `axes`: distinct identifiers, at least one."""
+    axes = table.get("axes") if isinstance(table, dict) else None
+    if (
+        set(table) != {"axes"}
+        or not isinstance(axes, list)
+        or not axes
+        or not all(isinstance(a, str) and a.isidentifier() for a in axes)
+        or len(set(axes)) != len(axes)
+    ):
+        raise ShardingError(f'{path}: [mesh] must be `axes = ["data", "model", ...]`, distinct axis names')
+    return tuple(axes)
+
+
+def mesh_text(shape: dict[str, int]) -> str:
+    """{"data": 1, "model": 8} -> "data=1,model=8" (what --mesh takes)."""
+    return ",".join(f"{name}={size}" for name, size in shape.items())
+
+
+def parse_mesh(text: str, rules: PartitionRules | None = None) -> dict[str, int]:
+    """`"data=1,model=8"` -> {"data": 1, "model": 8}, in the mesh order of `rules`' axes, every one
+    of which must be given (without rules, any axis names)."""
     sizes = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
         name = name.strip()
-        if name not in MESH_AXES or not value.strip().isdigit() or int(value) < 1 or name in sizes:
-            raise ShardingError(f"--mesh {text!r}: expected data=N,model=M with positive integers")
+        if not name.isidentifier() or not value.strip().isdigit() or int(value) < 1 or name in sizes:
+            raise ShardingError(f"--mesh {text!r}: expected AXIS=N pairs with positive sizes, e.g. data=1,model=8")
         sizes[name] = int(value)
-    if set(sizes) != set(MESH_AXES):
-        raise ShardingError(f"--mesh {text!r}: give both axes, e.g. data=1,model=8")
-    return sizes
+    if rules is None:
+        return sizes
+    if set(sizes) != set(rules.axes):
+        example = mesh_text({axis: sizes.get(axis, 1) for axis in rules.axes})
+        raise ShardingError(
+            f"--mesh {text!r} does not match {rules.source}, whose mesh axes are {', '.join(rules.axes)}: "
+            f"give each of them once, e.g. --mesh {example}"
+        )
+    return {axis: sizes[axis] for axis in rules.axes}
+
+
+def mesh_of(shape: dict[str, int], devices=None) -> Mesh:
+    """A mesh with these axis sizes (in this order) over `devices`, by default every device of every
+    process; the sizes must multiply to the device count."""
+    devices = list(jax.devices() if devices is None else devices)
+    if math.prod(shape.values()) != len(devices):
+        raise ShardingError(
+            f"mesh {mesh_text(shape)} needs {math.prod(shape.values())} devices, there are {len(devices)}"
+        )
+    return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=(AxisType.Auto,) * len(shape), devices=devices)
 
 
 def make_mesh(data: int | None = None, model: int | None = None, devices=None) -> Mesh:
-    """A (data, model) mesh over all devices of all processes; by default everything on `model`."""
+    """A (data, model) mesh, for tests and tools: over the first data*model of `devices` (default:
+    every device of every process) when both sizes are given, else over all of them (by default
+    all on `model`). `mesh_of` is the strict form the command line uses."""
     devices = list(jax.devices() if devices is None else devices)
-    if data is None and model is None:
+    if data is not None and model is not None:
+        if data * model > len(devices):
+            raise ShardingError(f"mesh data={data},model={model} needs {data * model} devices, there are {len(devices)}")
+        devices = devices[: data * model]
+    elif data is None and model is None:
         data, model = 1, len(devices)
     data = data or len(devices) // model
     model = model or len(devices) // data
-    if data * model != len(devices):
-        raise ShardingError(f"mesh data={data},model={model} needs {data * model} devices, there are {len(devices)}")
-    return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+    return mesh_of({"data": data, "model": model}, devices)
 
 
 class Sharder:
     """Partition rules applied to a mesh: parameter shardings and activation constraints."""
 
     def __init__(self, rules: PartitionRules, mesh: Mesh):
+        if tuple(mesh.axis_names) != rules.axes:
+            raise ShardingError(
+                f"mesh {mesh_text(dict(mesh.shape))} does not match {rules.source}, whose mesh axes are "
+                f"{', '.join(rules.axes)} (in that order)"
+            )
         self.rules = rules
         self.mesh = mesh
 
@@ -205,21 +263,51 @@ class Sharder:
     def activation(self, name: str, shape: tuple[int, ...]) -> NamedSharding:
         """The named activation's sharding for `shape`.
 
-        Its leading (batch) dimension stays whole when it does not divide over its axes (a single
-        sequence being prefilled on a mesh with data > 1); every other dimension must divide.
+        Two dimensions stay whole when they do not divide over their axes, so that any mesh can
+        run any model (GSPMD then keeps a copy on each of those devices; the numbers are the same):
+        the leading batch dimension (a single sequence being prefilled on a mesh with data > 1),
+        and the head dimension of `heads` and `kv_cache` (e.g. 4 query heads on 8 model shards;
+        key/value heads are first repeated where that makes them divide, see `cache_heads`).
+        Every other dimension must divide.
         """
         spec = self.rules.activations[name]
-        if len(spec) and shape and shape[0] % self._split(spec[0]):
-            spec = PartitionSpec(None, *spec[1:])
+        if len(spec) == len(shape):
+            bendable = (0, _HEAD_DIM.get(name, 0))
+            spec = PartitionSpec(*(None if i in bendable and shape[i] % self._split(axes) else axes
+                                   for i, axes in enumerate(spec)))
         return self._named(spec, shape, f"activation {name!r}")
+
+    def cache_heads(self, config) -> int:
+        """Key/value heads per sequence in the cache and the attention: num_kv_heads, or a multiple
+        of it when the cache's head axis is split over more devices than there are kv heads.
+
+        Then each kv head is repeated (its keys, values and cache rows, as vLLM does when tensor
+        parallelism exceeds the kv heads), so every device holds whole heads and each query head
+        still meets its own kv head: copy j of head i serves query heads (i*r + j)*G/r .. +G/r.
+        That needs the repeat r to divide G (query heads per kv head) and the head axes of `heads`
+        to divide the repeated count; otherwise the heads stay whole (`activation`).
+        """
+        kv, heads, g = config.num_kv_heads, config.num_q_heads, config.heads_per_kv_head
+        cache_split = self._split(self._dim_axes("kv_cache", _HEAD_DIM["kv_cache"]))
+        heads_split = self._split(self._dim_axes("heads", _HEAD_DIM["heads"]))
+        if kv % cache_split == 0 or cache_split % kv:
+            return kv
+        repeat = cache_split // kv
+        if g % repeat or (kv * repeat) % heads_split or heads % heads_split:
+            return kv
+        return kv * repeat
+
+    def _dim_axes(self, name: str, dim: int):
+        spec = self.rules.activations[name]
+        return spec[dim] if len(spec) else None
 
     def check_activations(self, config) -> None:
         """Fail early (before loading weights) if a named activation of `config` cannot be laid out."""
         c = config
         shapes = {
             "residual": (1, 1, c.emb_size),
-            "heads": (1, 1, c.num_kv_heads, c.key_size),
-            "kv_cache": (1, c.num_kv_heads, 1, c.key_size),
+            "heads": (1, 1, self.cache_heads(c), c.key_size),
+            "kv_cache": (1, self.cache_heads(c), 1, c.key_size),
             "logits": (1, 1, c.vocab_size),
         }
         self.activation("heads", (1, 1, c.num_q_heads, c.key_size))
@@ -243,10 +331,9 @@ class Sharder:
     def cache_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
         """The layout of one layer's key or value cache [b, kv, s, d] (`grok.model.cache_shape`), or
         of all layers' stacked [layers, b, kv, s, d]: every layer laid out as `kv_cache`."""
-        spec = self.rules.activations["kv_cache"]
-        per_layer = self._named(spec, shape[-4:], "activation 'kv_cache'")
+        per_layer = self.activation("kv_cache", shape[-4:]).spec
         stacked = len(shape) - 4
-        return NamedSharding(self.mesh, PartitionSpec(*[None] * stacked, *per_layer.spec) if len(spec) else PartitionSpec())
+        return NamedSharding(self.mesh, PartitionSpec(*[None] * stacked, *per_layer) if len(per_layer) else PartitionSpec())
 
     def zeros_cache(self, shape: tuple[int, ...], dtype=jnp.bfloat16) -> jax.Array:
         """A key or value cache of zeros, made in place on its devices (`cache_sharding`)."""

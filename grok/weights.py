@@ -1,7 +1,9 @@
 """The one description of Grok-1's weights, and the map between the model's and the checkpoint's trees.
 
 Shapes come from the Haiku modules themselves (`jax.eval_shape` of `init`); this module adds
-which weights are stored 8-bit and with how many scale blocks, and converts between
+which weights are stored 8-bit and with how many scale blocks (the release's layout; a checkpoint
+may store any number of row blocks that divides a weight's input size, see `with_scale_blocks_of`),
+and converts between
 - the *model tree*: layers stacked for the scan, `transformer/decoder_layer/...` with a leading
   layer axis, and
 - the *checkpoint tree*: one entry per layer, `transformer/decoder_layer_{i}/...`, as released.
@@ -10,6 +12,7 @@ which weights are stored 8-bit and with how many scale blocks, and converts betw
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +25,8 @@ from grok.quant import QuantizedWeight8bit
 
 Params = dict[str, dict[str, object]]
 
-# Module path (inside a decoder layer) -> number of row blocks of its bf16 scales, for 8-bit weights.
+# Module path (inside a decoder layer) -> number of row blocks of its bf16 scales in the release, for
+# 8-bit weights. Checkpoints may hold other counts (read from each file); this is the layout written.
 SCALE_BLOCKS = {
     "multi_head_attention/query": 1,
     "multi_head_attention/key": 1,
@@ -37,29 +41,52 @@ _STACKED = "transformer/decoder_layer/"
 _PER_LAYER = re.compile(r"^transformer/decoder_layer_(\d+)/(.+)$")
 
 
-def model_shapes(config: GrokConfig) -> Params:
-    """Abstract model tree: float weights as `ShapeDtypeStruct`, 8-bit ones as `QuantizedWeight8bit` of them."""
+def model_shapes(config: GrokConfig, scale_blocks: Mapping[str, int] = SCALE_BLOCKS) -> Params:
+    """Abstract model tree: float weights as `ShapeDtypeStruct`, 8-bit ones as `QuantizedWeight8bit` of them.
+
+    `scale_blocks` says which modules are 8-bit and how many row blocks their scales have (by
+    default as released).
+    """
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     shapes = jax.eval_shape(model.build(config).init, jax.random.key(0), tokens)
     tree: Params = {}
     for path, leaves in shapes.items():
-        blocks = SCALE_BLOCKS.get(path.removeprefix(_STACKED))
-        tree[path] = {}
-        for name, leaf in leaves.items():
-            if blocks is None:
-                tree[path][name] = leaf
-                continue
-            *lead, _, n_out = leaf.shape
-            tree[path][name] = QuantizedWeight8bit(
-                weight=jax.ShapeDtypeStruct(leaf.shape, jnp.int8),
-                scales=jax.ShapeDtypeStruct((*lead, blocks, n_out), jnp.bfloat16),
-            )
+        blocks = scale_blocks.get(path.removeprefix(_STACKED))
+        tree[path] = {
+            name: leaf if blocks is None else quantized_shape(leaf.shape, blocks) for name, leaf in leaves.items()
+        }
     return tree
 
 
-def checkpoint_shapes(config: GrokConfig) -> Params:
-    """Abstract checkpoint tree (per-layer paths), the shapes and dtypes a release checkpoint must have."""
-    return unstack_layers(model_shapes(config), config.num_layers)
+def quantized_shape(shape: tuple[int, ...], blocks: int) -> QuantizedWeight8bit:
+    """Abstract 8-bit weight of `shape` [..., in, out]: int8 values, bf16 scales [..., blocks, out]."""
+    *lead, _, n_out = shape
+    return QuantizedWeight8bit(
+        weight=jax.ShapeDtypeStruct(tuple(shape), jnp.int8),
+        scales=jax.ShapeDtypeStruct((*lead, blocks, n_out), jnp.bfloat16),
+    )
+
+
+def with_scale_blocks_of(want, weight):
+    """Abstract weight `want` with its scales in as many row blocks as `weight` (what a file holds) has.
+
+    Unchanged when either is a float weight. Shardings of the scales depend on their block count
+    (`grok.sharding.Sharder`), so they are computed from this rather than from the release's layout.
+    """
+    if not isinstance(want, QuantizedWeight8bit) or not isinstance(weight, QuantizedWeight8bit):
+        return want
+    return quantized_shape(want.shape, scale_block_count(weight))
+
+
+def scale_block_count(weight: QuantizedWeight8bit) -> int:
+    """Number of row blocks of an 8-bit weight's scales [..., nb, out] (abstract or not)."""
+    return weight.scales.shape[-2]
+
+
+def checkpoint_shapes(config: GrokConfig, scale_blocks: Mapping[str, int] = SCALE_BLOCKS) -> Params:
+    """Abstract checkpoint tree (per-layer paths): the shapes and dtypes of a checkpoint whose scales have
+    `scale_blocks` row blocks (by default a release checkpoint's)."""
+    return unstack_layers(model_shapes(config, scale_blocks), config.num_layers)
 
 
 def unstack_layers(params: Params, num_layers: int) -> Params:
@@ -120,11 +147,11 @@ def flatten(params: Params) -> tuple[list[str], list]:
     return names, [leaf for _, leaf in leaves_with_paths]
 
 
-def random_params(config: GrokConfig, seed: int = 0) -> Params:
+def random_params(config: GrokConfig, seed: int = 0, scale_blocks: Mapping[str, int] = SCALE_BLOCKS) -> Params:
     """Random checkpoint tree with the release's dtypes: int8 weights with bf16 scales, fp32 others.
 
     Values are scaled so activations stay O(1) through the layers; every scale block differs, so
-    tests notice a dequantization that puts scales on the wrong rows.
+    tests notice a dequantization that puts scales on the wrong rows. `scale_blocks` as in `model_shapes`.
     """
     rng = np.random.default_rng(seed)
 
@@ -140,5 +167,5 @@ def random_params(config: GrokConfig, seed: int = 0) -> Params:
             return rng.standard_normal(leaf.shape).astype(np.float32)
         return (rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0])).astype(np.float32)
 
-    shapes = checkpoint_shapes(config)
+    shapes = checkpoint_shapes(config, scale_blocks)
     return {path: {name: make(leaf, name) for name, leaf in leaves.items()} for path, leaves in shapes.items()}

@@ -56,7 +56,7 @@ def test_cli_generates_from_a_checkpoint_with_a_json_config(tiny_checkpoint, cap
         (["--checkpoint", ".", "--tokenizer", "/nonexistent/t.model"], "tokenizer file /nonexistent/t.model"),
         (["--checkpoint", ".", "--config", "grok-9"], "unknown config 'grok-9'"),
         (["--top-p", "2"], "top_p must be in (0, 1]"),
-        (["--weight-format", "cpu", "--mesh", "data=1,model=8"], "--weight-format cpu needs a single device"),
+        (["--weight-format", "cpu", "--mesh", "data=1,model=16"], "--weight-format cpu needs a single device"),
     ],
 )
 def test_errors_are_one_line(args, message, capsys, tmp_path, monkeypatch):

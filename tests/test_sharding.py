@@ -1,5 +1,6 @@
-"""Sharded execution on 8 virtual CPU devices: every shipped rules file on every mesh gives the
-single-device logits, for full forward passes and cached decode steps; rule errors are named.
+"""Sharded execution on 16 virtual CPU devices: every shipped rules file on four meshes (two and
+three axes) gives the single-device logits, for full forward passes and cached decode steps, as do
+models with fewer kv heads than model shards; rule and mesh errors are named.
 
 Tolerance: sharding changes matmul shapes and reduction order, so bf16 roundings land
 differently and compound through the layers (about 0.2-0.4% of the row maximum on most
@@ -7,26 +8,42 @@ positions, a few percent where a token's router sits near a tie). A wrong layout
 wrong rows, heads mixed across devices) moves logits by tens of percent, which these bounds catch.
 """
 
+import math
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec
+from jax.sharding import AbstractMesh, PartitionSpec
 
 from grok import PRESETS, model, weights
 from grok.loader import place_params
-from grok.sharding import ShardingError, Sharder, load_rules, make_mesh, parse_mesh
+from grok.sharding import RULES_DIR, ShardingError, Sharder, load_rules, make_mesh, mesh_of, parse_mesh
 
-CONFIG = PRESETS["shard"]
-MESHES = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 4), (8, 1)]
-RULES = ["tensor_parallel", "expert_parallel", "replicated"]
+# Heads, experts and widths all divide by 16; its 8 kv heads are repeated on 16 model shards.
+CONFIG = PRESETS["shard"].replace(num_q_heads=16, widening_factor=3.0)
+# Per rules file, four meshes of all 16 devices (axis sizes in the file's mesh order).
+MESHES = {
+    "tensor_parallel": [(1, 16), (2, 8), (4, 4), (16, 1)],
+    "expert_parallel": [(2, 8), (4, 4), (8, 2), (16, 1)],
+    "expert_tensor_parallel": [(1, 2, 8), (1, 4, 4), (2, 2, 4), (1, 8, 2)],
+    "replicated": [(16, 1), (1, 16), (4, 4), (2, 8)],
+}
+CASES = [(rules, shape) for rules, shapes in MESHES.items() for shape in shapes]
+
+
+def test_every_shipped_rules_file_is_tested():
+    assert sorted(MESHES) == sorted(p.stem for p in RULES_DIR.glob("*.toml"))
+
+
+def random_model(config):
+    return weights.stack_layers(weights.random_params(config, 0), config.num_layers)
 
 
 @pytest.fixture(scope="module")
 def host_params():
-    return weights.stack_layers(weights.random_params(CONFIG, 0), CONFIG.num_layers)
+    return random_model(CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +51,34 @@ def tokens():
     return np.random.default_rng(0).integers(3, CONFIG.vocab_size, (8, 16)).astype(np.int32)
 
 
-def sharded(rules: str, data: int, model_size: int, host_params) -> tuple[Sharder, dict]:
-    sharder = Sharder(load_rules(rules), make_mesh(data, model_size, jax.devices()[: data * model_size]))
-    return sharder, place_params(host_params, sharder.param_shardings(weights.model_shapes(CONFIG)))
+def sharder_for(rules: str, shape: tuple[int, ...]) -> Sharder:
+    loaded = load_rules(rules)
+    return Sharder(loaded, mesh_of(dict(zip(loaded.axes, shape)), jax.devices()[: math.prod(shape)]))
 
 
-def full_logits(sharder, params, tokens):
-    apply = model.build(CONFIG, constrain=sharder.constrain).apply
+def sharded(rules: str, data: int, model_size: int, host_params, config=CONFIG) -> tuple[Sharder, dict]:
+    return placed(sharder_for(rules, (data, model_size)), host_params, config)
+
+
+def placed(sharder: Sharder, host_params, config=CONFIG) -> tuple[Sharder, dict]:
+    return sharder, place_params(host_params, sharder.param_shardings(weights.model_shapes(config)))
+
+
+def full_logits(sharder, params, tokens, config=CONFIG):
+    apply = model.build(config, constrain=sharder.constrain).apply
     fn = jax.jit(lambda p, t: apply(p, t).logits, out_shardings=sharder.replicated())
     return np.asarray(fn(params, sharder.put(tokens, "tokens")), np.float32)
 
 
-def cached_logits(sharder, params, tokens, prompt_len=12):
+def cached_logits(sharder, params, tokens, config=CONFIG, prompt_len=12):
     """Prefill the first `prompt_len` tokens, then decode the rest one by one from the cache."""
-    apply = jax.jit(model.build(CONFIG, constrain=sharder.constrain).apply)
+    apply = jax.jit(model.build(config, constrain=sharder.constrain).apply)
     b, t = tokens.shape
     put = sharder.put
+    shape = model.cache_shape(config, b, 32, sharder.cache_heads(config))
     memory = model.KVMemory(
-        k=sharder.zeros_cache(model.cache_shape(CONFIG, b, 32)),
-        v=sharder.zeros_cache(model.cache_shape(CONFIG, b, 32)),
+        k=sharder.zeros_cache(shape),
+        v=sharder.zeros_cache(shape),
         mask=put(np.zeros((b, 32), bool), "tokens"),
         step=jnp.zeros((b,), jnp.int32),
     )
@@ -73,23 +99,44 @@ def assert_close(actual, expected):
     np.testing.assert_array_equal(actual.argmax(-1)[clear], expected.argmax(-1)[clear])
 
 
+def single_device_logits(config, host, tokens):
+    sharder, params = placed(sharder_for("replicated", (1, 1)), host, config)
+    return full_logits(sharder, params, tokens, config), cached_logits(sharder, params, tokens, config)
+
+
 @pytest.fixture(scope="module")
 def single_device(host_params, tokens):
-    sharder, params = sharded("replicated", 1, 1, host_params)
-    return full_logits(sharder, params, tokens), cached_logits(sharder, params, tokens)
+    return single_device_logits(CONFIG, host_params, tokens)
 
 
-@pytest.mark.parametrize("data,model_size", MESHES)
-@pytest.mark.parametrize("rules", RULES)
-def test_sharded_forward_matches_single_device(rules, data, model_size, host_params, tokens, single_device):
-    sharder, params = sharded(rules, data, model_size, host_params)
+@pytest.mark.parametrize("rules,shape", CASES)
+def test_sharded_matches_single_device(rules, shape, host_params, tokens, single_device):
+    """Full forward and cached decode on a 16-device mesh equal one device."""
+    sharder, params = placed(sharder_for(rules, shape), host_params)
     assert_close(full_logits(sharder, params, tokens), single_device[0])
-
-
-@pytest.mark.parametrize("rules,data,model_size", [("tensor_parallel", 1, 8), ("expert_parallel", 2, 4)])
-def test_sharded_cached_decode_matches_single_device(rules, data, model_size, host_params, tokens, single_device):
-    sharder, params = sharded(rules, data, model_size, host_params)
     assert_close(cached_logits(sharder, params, tokens), single_device[1])
+
+
+@pytest.mark.parametrize(
+    "q_heads,rules,shape,cache_heads",
+    [
+        (4, "tensor_parallel", (1, 8), 2),  # G = 2 cannot take 4 copies: heads stay whole
+        (8, "tensor_parallel", (1, 8), 8),  # G = 4: each of the 2 kv heads repeated 4 times
+        (8, "expert_tensor_parallel", (2, 1, 8), 8),
+    ],
+)
+def test_fewer_kv_heads_than_model_shards(q_heads, rules, shape, cache_heads, tokens):
+    """2 kv heads on 8 model shards (the reference splits such a model by weight columns)."""
+    config = PRESETS["tiny"].replace(num_q_heads=q_heads)
+    host = random_model(config)
+    expected = single_device_logits(config, host, tokens)
+    sharder, params = placed(sharder_for(rules, shape), host, config)
+    assert sharder.cache_heads(config) == cache_heads
+    cache = sharder.zeros_cache(model.cache_shape(config, 8, 32, cache_heads))
+    per_device = cache.addressable_shards[0].data.shape
+    assert per_device[2] == (1 if cache_heads == 8 else 2)  # whole heads: one copy, or all (replicated)
+    assert_close(full_logits(sharder, params, tokens, config), expected[0])
+    assert_close(cached_logits(sharder, params, tokens, config), expected[1])
 
 
 def test_weights_are_really_split(host_params):
@@ -155,28 +202,62 @@ def test_rule_errors_name_file_rule_and_parameter(tmp_path, params, activations,
     assert path in str(err.value)
 
 
-def test_activation_errors_and_the_batch_of_one(host_params):
+def test_activations_bend_only_on_batch_and_heads(tmp_path, host_params):
     sharder, _ = sharded("tensor_parallel", 8, 1, host_params)
     # A single sequence (prefill) keeps its batch axis whole; eight are split over `data`.
     assert sharder.put(np.zeros((1, 4), np.int32), "tokens").sharding.spec == PartitionSpec(None, None)
     assert sharder.put(np.zeros((8, 4), np.int32), "tokens").sharding.spec == PartitionSpec("data", None)
-    sharder, _ = sharded("tensor_parallel", 1, 8, host_params)
-    with pytest.raises(ShardingError, match=r"activation 'heads': dimension of size 4 .* cannot be split 8 ways"):
-        sharder.activation("heads", (1, 3, 4, 8))
-    with pytest.raises(ShardingError, match=re.escape("activation 'heads': dimension of size 4 of shape (1, 1, 4, 16)")):
-        sharder.check_activations(PRESETS["tiny"])  # 4 query heads cannot split over model=8
-    sharder.check_activations(CONFIG)
+    sharder = sharder_for("tensor_parallel", (1, 8))
+    # 4 heads on model=8: kept whole on every device, not an error.
+    assert sharder.activation("heads", (1, 3, 4, 8)).spec == PartitionSpec("data", None, None, None)
+    assert sharder.activation("heads", (1, 3, 16, 8)).spec == PartitionSpec("data", None, "model", None)
+    sharder.check_activations(PRESETS["tiny"])
+    # Any other dimension must divide.
+    emb_split = "\n".join(f"{n} = []" for n in ("tokens", "heads", "kv_cache", "logits")) + '\nresidual = ["-", "-", "model"]'
+    sharder = Sharder(load_rules(write_rules(tmp_path, ALL_PARAMS, emb_split)), make_mesh(1, 16))
+    with pytest.raises(ShardingError, match=re.escape("activation 'residual': dimension of size 8 of shape (1, 1, 8)")):
+        sharder.check_activations(PRESETS["tiny"].replace(emb_size=8))
 
 
-def test_unknown_rules_and_bad_meshes():
+@pytest.mark.parametrize(
+    "q_heads,kv_heads,model_size,expected",
+    [(48, 8, 8, 8), (48, 8, 16, 16), (48, 8, 32, 8), (48, 8, 4, 8), (4, 2, 8, 2), (8, 2, 8, 8), (16, 2, 4, 4)],
+)
+def test_cache_heads(q_heads, kv_heads, model_size, expected):
+    config = PRESETS["grok-1"].replace(num_q_heads=q_heads, num_kv_heads=kv_heads)
+    mesh = AbstractMesh((1, model_size), ("data", "model"))  # only its shape matters
+    assert Sharder(load_rules("tensor_parallel"), mesh).cache_heads(config) == expected
+
+
+def test_unknown_rules_and_bad_meshes(tmp_path):
     with pytest.raises(ShardingError, match=r"unknown partition rules 'fsdp': shipped ones are \['expert_parallel'"):
         load_rules("fsdp")
     with pytest.raises(ShardingError, match="does not exist"):
         load_rules("/nonexistent/rules.toml")
-    with pytest.raises(ShardingError, match="needs 6 devices, there are 8"):
-        make_mesh(2, 3)
+    with pytest.raises(ShardingError, match="needs 6 devices, there are 16"):
+        mesh_of({"data": 2, "model": 3})
     assert parse_mesh("data=2,model=4") == {"data": 2, "model": 4}
-    for bad in ("data=2", "model=x,data=1", "data=0,model=8", "pipeline=2,model=4"):
+    for bad in ("data=0,model=8", "model=x,data=1", "data=1,data=2", "data 1"):
         with pytest.raises(ShardingError, match=re.escape(f"--mesh {bad!r}")):
             parse_mesh(bad)
-    assert dict(make_mesh().shape) == {"data": 1, "model": 8}
+    assert dict(make_mesh().shape) == {"data": 1, "model": 16}
+    assert dict(make_mesh(1, 8).shape) == {"data": 1, "model": 8}  # the first 8 devices
+
+
+def test_mesh_axes_come_from_the_rules_file(tmp_path):
+    etp = load_rules("expert_tensor_parallel")
+    assert etp.axes == ("data", "expert", "model")
+    assert parse_mesh("model=8,data=1,expert=2", etp) == {"data": 1, "expert": 2, "model": 8}  # mesh order
+    for bad in ("data=1,model=16", "data=1,expert=2,model=8,pipeline=1"):
+        with pytest.raises(ShardingError, match=f"--mesh {bad!r} does not match .*expert_tensor_parallel.toml, whose mesh axes are data, expert, model"):
+            parse_mesh(bad, etp)
+    with pytest.raises(ShardingError, match="mesh data=1,model=16 does not match .*expert_tensor_parallel.toml"):
+        Sharder(etp, make_mesh(1, 16))
+    assert load_rules("tensor_parallel").axes == ("data", "model")
+    path = write_rules(tmp_path, '".*" = ["-", "expert"]')
+    with pytest.raises(ShardingError, match=r"unknown mesh axis 'expert' \(the file's mesh axes are \('data', 'model'\)\)"):
+        load_rules(path)
+    with open(path, "a") as f:
+        f.write('[mesh]\naxes = ["data", "data"]\n')
+    with pytest.raises(ShardingError, match=re.escape("[mesh] must be `axes = ")):
+        load_rules(path)
