@@ -19,7 +19,7 @@ from grok.engine import Engine, Generation, Request
 from grok.loader import load_sharded, place
 from grok.sampling import SamplingParams
 from grok.sharding import Sharder, single_device
-from grok.tokenizer import SentencePieceTokenizer, Tokenizer
+from grok.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_BLOCK = 128  # `logits` pads sequences to a multiple of this, so few shapes are compiled
 
@@ -74,14 +74,15 @@ class Grok:
         progress: bool = True,
         cpu_format: bool | None = None,
     ) -> Grok:
-        """Load a release-format checkpoint; `config` is a preset name, a JSON file or a `GrokConfig`.
+        """Load a release-format checkpoint; `config` is a preset name, a JSON file or a `GrokConfig`;
+        `tokenizer` a SentencePiece model file, "bytes" (the demo's `ByteTokenizer`) or a tokenizer.
 
         With a `sharder`, each weight goes straight to its shards (see `grok.loader`).
         """
         config = load_config(config)
         directory = checkpoint.resolve_checkpoint_dir(directory)  # fail fast, before anything slow
-        if isinstance(tokenizer, (str, Path)):
-            tokenizer = SentencePieceTokenizer(tokenizer)
+        if tokenizer is not None:
+            tokenizer = load_tokenizer(tokenizer)
         sharder = sharder or single_device()
         sharder.check_activations(config)
         params = load_sharded(directory, config, sharder, progress=progress)

@@ -10,18 +10,19 @@ import runpy
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, NoReturn
 
 import jax
 
 from grok import distributed
 from grok.api import Grok, SamplingParams
 from grok.checkpoint import CheckpointError, find_checkpoint_dir
-from grok.config import load_config
+from grok.config import GrokConfig, load_config
 from grok.engine import Engine
 from grok.demo import DEMO_CONFIG, write_demo_checkpoint
 from grok.plan import choose_layout
 from grok.sharding import Sharder, load_rules, make_mesh, mesh_of, mesh_text, parse_mesh
-from grok.tokenizer import ByteTokenizer
+from grok.tokenizer import BYTE_TOKENIZER, ByteTokenizer
 
 log = logging.getLogger("grok")
 
@@ -29,8 +30,50 @@ DEFAULT_CHECKPOINT = Path("checkpoints/ckpt-0")
 DEFAULT_TOKENIZER = Path("checkpoints/tokenizer.model")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line (unknown flag, missing or out-of-range value) as the one-line
+    `error: ...` with exit status 2 of every other problem, not usage and a second line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _ranged(
+    kind: type[int] | type[float], low: float, high: float | None = None, *, low_open: bool = False
+) -> Callable[[str], int | float]:
+    """An argparse `type`: the flag's text as a (finite) `kind` in low..high, `low` itself excluded if
+    `low_open`; anything else is the flag's error, which says what it must be."""
+    noun = "an integer" if kind is int else "a number"
+    if high is None:
+        want = f"{noun} {'>' if low_open else '>='} {low}"
+    elif kind is int:
+        want = f"{noun} in {low}..{high}"
+    else:
+        want = f"{noun} in {'(' if low_open else '['}{low}, {high}]"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if (
+            value is None
+            or (kind is float and not math.isfinite(value))
+            or not (value > low if low_open else value >= low)
+            or (high is not None and value > high)
+        ):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE = _ranged(int, 1)  # counts and sizes
+SEED = _ranged(int, 0, 2**32 - 1)  # the engine holds seeds as uint32
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="run.py",
         description="Grok-1 inference. With no command, `generate`; with no checkpoint present, a random-weight demo.",
     )
@@ -55,11 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IDS",
         help="the prompt as comma-separated token ids, e.g. 5,6,7 (instead of --prompt; needs no tokenizer)",
     )
-    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
-    gen.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default: 0.7)")
-    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)")
-    gen.add_argument("--top-k", type=int, default=0, help="keep only the k likeliest tokens; 0 = off")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument("--max-new-tokens", type=POSITIVE, default=32, help="tokens to generate (default: 32)")
+    gen.add_argument("--temperature", type=_ranged(float, 0), default=0.7, help="0 means greedy (default: 0.7)")
+    gen.add_argument(
+        "--top-p", type=_ranged(float, 0, 1, low_open=True), default=0.95, help="nucleus sampling mass (default: 0.95)"
+    )
+    gen.add_argument(
+        "--top-k", type=_ranged(int, 0, 2**31 - 1), default=0, help="keep only the k likeliest tokens; 0 = off"
+    )
+    gen.add_argument("--seed", type=SEED, default=0, help="sampling seed, 0..2**32-1 (default: 0)")
 
     srv = commands.add_parser(
         "serve",
@@ -69,14 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
         "continuously batched engine.",
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument("--port", type=_ranged(int, 1, 65535), default=8000, help="port (default: 8000)")
     srv.add_argument("--model-name", default="grok-1", help="the model id clients ask for (default: grok-1)")
     srv.add_argument(
-        "--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: $GROK_API_KEY if set, else none)"
+        "--api-key",
+        help="require `Authorization: Bearer KEY` on /v1 (default: $GROK_API_KEY if set, else none; "
+        "an empty key is an error)",
     )
-    srv.add_argument("--max-batch", type=int, default=8, help="concurrent sequences (KV-cache slots; default: 8)")
-    srv.add_argument("--cache-len", type=int, help="KV-cache positions per slot (default: the config's sequence_len)")
-    srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429 (default: 64)")
+    srv.add_argument("--max-batch", type=POSITIVE, default=8, help="concurrent sequences (KV-cache slots; default: 8)")
+    srv.add_argument(
+        "--cache-len", type=POSITIVE, help="KV-cache positions per slot (default: the config's sequence_len)"
+    )
+    srv.add_argument(
+        "--max-queue", type=POSITIVE, default=64, help="waiting requests before answering 429 (default: 64)"
+    )
 
     dl = commands.add_parser(
         "download",
@@ -115,10 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--config", default="grok-1", help="preset name or JSON config file (default: grok-1)")
     pl.add_argument("--mesh", metavar="AXIS=N,...", help="mesh shape (default: the recommendation for the devices)")
     pl.add_argument("--rules", metavar="NAME_OR_PATH", help="partition rules (default: the recommendation)")
-    pl.add_argument("--batch", type=int, default=8, help="concurrent sequences, as serve's --max-batch (default: 8)")
-    pl.add_argument("--cache-len", type=int, help="KV-cache positions per sequence (default: the config's sequence_len)")
     pl.add_argument(
-        "--cpu-devices", type=int, metavar="N", help="devices of the pod (default: the --mesh's size, else 8)"
+        "--batch", type=POSITIVE, default=8, help="concurrent sequences, as serve's --max-batch (default: 8)"
+    )
+    pl.add_argument(
+        "--cache-len", type=POSITIVE, help="KV-cache positions per sequence (default: the config's sequence_len)"
+    )
+    pl.add_argument(
+        "--cpu-devices", type=POSITIVE, metavar="N", help="devices of the pod (default: the --mesh's size, else 8)"
     )
     pl.add_argument("--json", action="store_true", help="also print the plan as one JSON object, on the last line")
     pl.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -147,8 +204,10 @@ def _model_flags() -> argparse.ArgumentParser:
     )
     flags.add_argument(
         "--tokenizer",
-        type=Path,
-        help=f"SentencePiece model (default: {DEFAULT_TOKENIZER}; with --prompt-ids, none unless given)",
+        metavar=f"FILE|{BYTE_TOKENIZER}",
+        help=f"SentencePiece model file, or `{BYTE_TOKENIZER}`: the demo's byte-level tokenizer, one token per "
+        f"UTF-8 byte at the release's byte-piece ids (default: {DEFAULT_TOKENIZER}; with --prompt-ids, none "
+        "unless given)",
     )
     flags.add_argument("--config", default="grok-1", help="preset name or JSON config file (default: grok-1)")
     flags.add_argument(
@@ -193,6 +252,7 @@ def _model_flags() -> argparse.ArgumentParser:
         "--coordinator is given)",
     )
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
+    # Checked, with their environment variables, by `distributed.initialize`.
     multi.add_argument("--num-processes", type=int, metavar="N", help="number of processes taking part")
     multi.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1")
     multi.add_argument(
@@ -209,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "generate")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # a bad command line exits here (status 2)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     commands = {
         "generate": generate, "serve": serve, "plan": plan, "download": download, "convert": convert, "bench": bench
@@ -236,13 +296,36 @@ def _check_layout_flags(args: argparse.Namespace) -> None:
         parse_mesh(args.mesh, rules)
 
 
-def _load_model(args: argparse.Namespace, prompt_ids_given: bool = False) -> Grok:
-    """The model the flags describe: a checkpoint (sharded) or the demo, after starting jax.distributed."""
-    cpu_format = WEIGHT_FORMATS[args.weight_format]
+def _checkpoint_and_config(args: argparse.Namespace) -> tuple[Path | None, GrokConfig]:
+    """The checkpoint the flags name, else the one in checkpoints/, else None (the demo); and its config."""
     checkpoint = args.checkpoint
     if checkpoint is None and Path("checkpoints").is_dir():
         checkpoint = find_checkpoint_dir("checkpoints")  # safetensors/, else ckpt-0/, else ckpt/
-    config = load_config(args.config) if checkpoint is not None else DEMO_CONFIG
+    return checkpoint, load_config(args.config) if checkpoint is not None else DEMO_CONFIG
+
+
+def _cache_len(cache_len: int | None, config: GrokConfig) -> int:
+    """--cache-len, checked against the config (default: its sequence_len)."""
+    if cache_len is None:
+        return config.sequence_len
+    if cache_len > config.sequence_len:
+        raise ValueError(f"--cache-len must be in 1..{config.sequence_len} (the config's sequence_len), got {cache_len}")
+    return cache_len
+
+
+def _api_key(flag: str | None, env: str) -> str | None:
+    """--api-key, else $`env`: the key /v1 requests must send, or None for none. An empty key is an error,
+    not a way to turn authentication off (leave both unset for that)."""
+    key, source = (flag, "--api-key") if flag is not None else (os.environ.get(env), f"${env}")
+    if key is not None and not key.strip():
+        raise ValueError(f"{source} is empty: give a key, or leave it unset to serve without authentication")
+    return key
+
+
+def _load_model(args: argparse.Namespace, prompt_ids_given: bool = False) -> Grok:
+    """The model the flags describe: a checkpoint (sharded) or the demo, after starting jax.distributed."""
+    cpu_format = WEIGHT_FORMATS[args.weight_format]
+    checkpoint, config = _checkpoint_and_config(args)
     sharded = checkpoint is not None or args.mesh is not None or args.rules is not None
     try:
         distributed.initialize(
@@ -306,9 +389,10 @@ def serve(args: argparse.Namespace) -> int:
     from grok import server  # the HTTP stack is only imported when serving
 
     _check_layout_flags(args)
+    api_key = _api_key(args.api_key, server.API_KEY_ENV)
+    _cache_len(args.cache_len, _checkpoint_and_config(args)[1])  # before the slow part
     model = _load_model(args)
     engine = Engine(model, max_batch=args.max_batch, cache_len=args.cache_len)
-    api_key = args.api_key or os.environ.get(server.API_KEY_ENV)
     log.info("serving %s on http://%s:%d (API key %s)", args.model_name, args.host, args.port,
              "required" if api_key else "not required")
     server.serve(engine, args.host, args.port, args.model_name, api_key, args.max_queue)
@@ -319,11 +403,7 @@ def plan(args: argparse.Namespace) -> int:
     from grok.plan import make_plan
 
     config = load_config(args.config)
-    cache_len = args.cache_len or config.sequence_len
-    if not 1 <= cache_len <= config.sequence_len:
-        raise ValueError(f"--cache-len must be in 1..{config.sequence_len} (the config's sequence_len), got {cache_len}")
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    cache_len = _cache_len(args.cache_len, config)
     rules = load_rules(args.rules) if args.rules is not None else None
     devices = args.cpu_devices or (math.prod(parse_mesh(args.mesh, rules).values()) if args.mesh else 8)
     distributed.initialize(None, None, None, devices, "off")

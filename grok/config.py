@@ -35,13 +35,20 @@ class GrokConfig:
     sequence_len: int
 
     def __post_init__(self) -> None:
-        problems = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                problems.append(f"{field.name} must be a number, got {value!r}")
-        if problems:
+        """Each field on its own (integer or finite number, positive), then how they fit together."""
+        problems = [
+            problem
+            for field in dataclasses.fields(self)
+            if (problem := _field_problem(field.name, field.type, getattr(self, field.name)))
+        ]
+        if problems:  # the checks below need numbers in range
             raise ValueError("invalid config: " + "; ".join(problems))
+        width = self.widening_factor * self.emb_size
+        if not math.isfinite(width) or self.ffn_size < 1:
+            problems.append(
+                f"widening_factor ({self.widening_factor}) x emb_size ({self.emb_size}) must give a finite "
+                "feed-forward width >= 1"
+            )
         if self.num_q_heads % self.num_kv_heads:
             problems.append(
                 f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -73,6 +80,23 @@ class GrokConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+_TOKEN_IDS = ("pad_token", "eos_token")  # may be 0; every other field must be positive
+
+
+def _field_problem(name: str, kind: str | type, value: object) -> str | None:
+    """What is wrong with one field's value on its own (its type, finiteness and sign), if anything."""
+    if kind in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{name} must be an integer, got {value!r}"
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} must be a number, got {value!r}"
+    elif not math.isfinite(value):
+        return f"{name} must be finite, got {value!r}"
+    if name in _TOKEN_IDS:
+        return f"{name} must be >= 0, got {value!r}" if value < 0 else None
+    return f"{name} must be > 0, got {value!r}" if value <= 0 else None
 
 
 def _small(emb_size: int, key_size: int, num_q_heads: int, num_kv_heads: int, **fields) -> GrokConfig:
@@ -144,9 +168,13 @@ def load_config(spec: str | Path | GrokConfig) -> GrokConfig:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        fields = json.loads(path.read_text())
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"config file {path} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise ValueError(f"config file {path} cannot be read: {err.strerror or err}") from None
     if not isinstance(fields, dict):
         raise ValueError(f"config file {path} must hold a JSON object of config fields")
     return config_from_dict(fields, source=str(path))
@@ -161,4 +189,7 @@ def config_from_dict(fields: dict, source: str = "config") -> GrokConfig:
         raise ValueError(f"{source}: unknown config field(s): {', '.join(unknown)}")
     if missing:
         raise ValueError(f"{source}: missing config field(s): {', '.join(missing)}")
-    return GrokConfig(**fields)
+    try:
+        return GrokConfig(**fields)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None

@@ -5,6 +5,11 @@ exact (the same int8, bf16 and fp32 bytes), streams one weight at a time (the ho
 one release file, about 1.6 GB for Grok-1's largest) and can be resumed: every output file is
 written under a temporary name and renamed when complete, so an interrupted conversion leaves only
 whole files, which the next run keeps; the index, written last, marks the directory finished.
+
+Each output file records its source file in its metadata (`source`: its path in the resolved source
+directory, with `source_size` and `source_mtime_ns`), and is kept only while its source is that file.
+A directory holding the conversion of another checkpoint (a source in another directory) is
+refused before anything in it is touched.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
     """Convert the release checkpoint in `src_dir` (or its `ckpt-0/` or `ckpt/`) into `dst_dir`; returns `dst_dir`.
 
     Every source file is checked against `config` as it is read (errors name the file and the
-    parameter). Output files already in `dst_dir` with the expected tensors, dtypes and shapes are
-    kept, so running this again after an interruption only converts what is left; delete `dst_dir`
-    to start over.
+    parameter). Output files already in `dst_dir` with the expected tensors, dtypes and shapes,
+    converted from the same source file as it is now (path, size, modification time), are kept, so
+    running this again after an interruption only converts what is left; delete `dst_dir` to start
+    over. A `dst_dir` converted from another directory is refused (a CheckpointError naming both).
     """
     src = Path(src_dir)
     checkpoint.resolve_checkpoint_dir(src)  # a CheckpointError if it does not exist
@@ -59,6 +65,8 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
     checkpoint.check_files_present(src, names)
     dst.mkdir(parents=True, exist_ok=True)
     _check_output_dir(dst, len(names))
+    origin_dir = src.resolve()  # what the output records; not each file's target (the Hub's cache links blobs)
+    _check_same_source(dst, origin_dir)
 
     (dst / SAFETENSORS_INDEX).unlink(missing_ok=True)  # unfinished until it is written again at the end
     for path in dst.iterdir():
@@ -72,20 +80,20 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
     for i, (name, want) in enumerate(bar):
         out = dst / file_name(i)
         weight_map.update(dict.fromkeys(tensor_keys(name, want), out.name))
-        converted = _converted(out, name, want)
+        source = src / checkpoint.tensor_file_name(i)
+        origin = source_record(origin_dir / source.name)
+        converted = _converted(out, name, want, origin)
         if converted is not None:
             layers.check(f"{out} ({name})", name, converted)
             total_size += sum(_nbytes(array) for array in tensor_keys(name, converted).values())
             kept += 1
             continue
-        source = src / checkpoint.tensor_file_name(i)
         weight = checkpoint.load_tensor(source)
         checkpoint.check_weight(f"{source} ({name})", want, weight)
         layers.check(f"{source} ({name})", name, weight)
-        metadata = {"format": FORMAT, "source": source.name, "name": name}
-        total_size += write_file(out, tensor_keys(name, weight), metadata)
+        total_size += write_file(out, tensor_keys(name, weight), {"format": FORMAT, "name": name, **origin})
         del weight  # before the next file is read
-    write_index(dst, weight_map, total_size)
+    write_index(dst, weight_map, total_size, {"source": str(origin_dir)})
     resumed = f" ({kept} files were already converted)" if kept else ""
     log.info("converted %d weights (%.2f GB) from %s to %s%s", len(names), total_size / 1e9, src, dst, resumed)
     return dst
@@ -104,13 +112,39 @@ def _check_output_dir(dst: Path, count: int) -> None:
         )
 
 
-def _converted(path: Path, name: str, want) -> Weight | None:
+def source_record(path: Path) -> dict[str, str]:
+    """What an output file records of its source file `path` (in its resolved directory), as safetensors
+    metadata (strings): which file it was, and which version of it (size and modification time)."""
+    info = path.stat()
+    return {"source": str(path), "source_size": str(info.st_size), "source_mtime_ns": str(info.st_mtime_ns)}
+
+
+def _check_same_source(dst: Path, src: Path) -> None:
+    """Refuse `dst` if one of its output files was converted from a directory other than `src` (resolved)."""
+    for path in sorted(dst.iterdir()):
+        if not _OUTPUT_FILE.fullmatch(path.name):
+            continue
+        try:
+            recorded = open_file(path).metadata.get("source")
+        except CheckpointError:
+            continue  # damaged: converted again
+        if recorded is not None and Path(recorded).is_absolute() and Path(recorded).parent != src:
+            raise CheckpointError(
+                f"{dst} holds a conversion of {Path(recorded).parent}, not of {src} ({path.name} was converted "
+                f"from {recorded}); convert into another directory, or delete {dst} to start over"
+            )
+
+
+def _converted(path: Path, name: str, want, origin: dict[str, str]) -> Weight | None:
     """Weight `name` as `path` holds it (its tensors, unread) if that is a valid safetensors file holding
-    exactly this weight's tensors with dtypes and shapes `check_weight` accepts for `want`; else None."""
+    exactly this weight's tensors with dtypes and shapes `check_weight` accepts for `want`, converted from
+    the source that `origin` (`source_record`) describes; else None."""
     if not path.is_file():
         return None
     try:
         handle = open_file(path)
+        if any(handle.metadata.get(key) != value for key, value in origin.items()):
+            return None  # another source, or this one changed since
         weight = weight_of(str(path), name, {key: handle.array(key) for key in handle.keys()})
         checkpoint.check_weight(str(path), want, weight)
     except CheckpointError:

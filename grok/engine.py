@@ -143,8 +143,10 @@ class Engine:
     def __init__(self, grok: Grok, max_batch: int = 8, cache_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
         config = grok.config
         self.grok = grok
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
-        self.cache_len = cache_len or config.sequence_len
+        self.cache_len = config.sequence_len if cache_len is None else cache_len
         if not 1 <= self.cache_len <= config.sequence_len:
             raise ValueError(f"cache_len must be in 1..{config.sequence_len}, got {cache_len}")
         self.prefill_chunk = min(prefill_chunk, self.cache_len)
@@ -214,6 +216,22 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def warm_up(self) -> None:
+        """Compile every program the engine runs by running each once: the prefill of each bucket a
+        prompt chunk can fall in, and the decode step; then no request waits for the compiler.
+        Needs an idle engine (a server calls it before `start()`): it prefills slot 0, whose row the
+        next request there empties, and the decode step advances no row."""
+        with self._lock:
+            if self.active:
+                raise RuntimeError("warm_up needs an idle engine: a request is in a slot")
+            longest = min(self.prefill_chunk, self.cache_len - 1)  # the longest chunk a prompt can have
+            token = self.grok.config.pad_token + 1  # any token that is not padding
+            buckets = {_bucket(n, self.prefill_chunk): n for n in range(1, longest + 1)}  # the longest chunk of each
+            outputs = [self._prefill_chunk(0, [token] * n, reset=True) for n in buckets.values()]
+            idle = np.zeros(self.max_batch, np.int32)
+            outputs.append(self._decode_rows(np.full((self.max_batch, 1), self.grok.config.pad_token, np.int32), idle))
+            jax.block_until_ready(outputs)
 
     @property
     def active(self) -> int:
@@ -290,16 +308,20 @@ class Engine:
             self._settings[name][i] = getattr(sampling, name)
         ids = stream.prompt_ids
         for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start : start + self.prefill_chunk]
-            tokens = np.full((1, _bucket(len(chunk), self.prefill_chunk)), self.grok.config.pad_token, np.int32)
-            tokens[0, : len(chunk)] = chunk
-            out, self._memory = self._prefill(
-                self.grok.params, self._memory, self._replicated(np.int32(i)), self._replicated(tokens),
-                self._replicated(np.int32(len(chunk))), self._replicated(np.bool_(start == 0)),
-                self._row_settings(i),
-            )
+            out = self._prefill_chunk(i, ids[start : start + self.prefill_chunk], reset=start == 0)
         self._slots[i] = _Slot(stream=stream, tokens=[], position=len(ids))
         self._emit(i, *(np.asarray(x)[0] for x in out))
+
+    def _prefill_chunk(self, i: int, chunk: Sequence[int], reset: bool) -> tuple:
+        """Run one prompt chunk (padded to its bucket) into slot i's cache row; returns the
+        sampled outputs after it."""
+        tokens = np.full((1, _bucket(len(chunk), self.prefill_chunk)), self.grok.config.pad_token, np.int32)
+        tokens[0, : len(chunk)] = chunk
+        out, self._memory = self._prefill(
+            self.grok.params, self._memory, self._replicated(np.int32(i)), self._replicated(tokens),
+            self._replicated(np.int32(len(chunk))), self._replicated(np.bool_(reset)), self._row_settings(i),
+        )
+        return out
 
     def _decode_step(self) -> None:
         tokens = np.full((self.max_batch, 1), self.grok.config.pad_token, np.int32)
@@ -308,15 +330,19 @@ class Engine:
             if slot is not None:
                 tokens[i, 0] = slot.tokens[-1]
                 active[i] = 1
-        settings = {k: self._replicated(v) for k, v in self._settings.items()}
-        out, self._memory = self._decode(
-            self.grok.params, self._memory, self.grok.sharder.put(tokens, "tokens"), self._replicated(active), settings
-        )
-        out = [np.asarray(x) for x in out]
+        out = [np.asarray(x) for x in self._decode_rows(tokens, active)]
         for i, slot in enumerate(self._slots):
             if slot is not None:
                 slot.position += 1
                 self._emit(i, *(x[i] for x in out))
+
+    def _decode_rows(self, tokens: np.ndarray, active: np.ndarray) -> tuple:
+        """Run the decode step: tokens [max_batch, 1] in, the rows with `active` 1 advance."""
+        settings = {k: self._replicated(v) for k, v in self._settings.items()}
+        out, self._memory = self._decode(
+            self.grok.params, self._memory, self.grok.sharder.put(tokens, "tokens"), self._replicated(active), settings
+        )
+        return out
 
     def _emit(self, i: int, token, logprob, top_ids, top_logprobs) -> None:
         """Record slot i's new token, stream it, and finish the request if it is done."""

@@ -45,6 +45,7 @@ from grok.checkpoint import (
     Weight,
     atomic_write,
     check_weight,
+    open_regular_file,
 )
 from grok.quant import QuantizedWeight8bit
 
@@ -120,10 +121,12 @@ def _little_endian(array: np.ndarray) -> np.ndarray:
     return array.byteswap().view(array.dtype.newbyteorder("<")) if big else array
 
 
-def write_index(directory: Path, weight_map: Mapping[str, str], total_size: int) -> Path:
-    """Write the index that marks a finished conversion (atomically)."""
+def write_index(
+    directory: Path, weight_map: Mapping[str, str], total_size: int, metadata: Mapping[str, object] | None = None
+) -> Path:
+    """Write the index that marks a finished conversion (atomically), with `metadata` added to its own."""
     index = {
-        "metadata": {"format": FORMAT, "format_version": FORMAT_VERSION, "total_size": total_size},
+        "metadata": {"format": FORMAT, "format_version": FORMAT_VERSION, "total_size": total_size, **(metadata or {})},
         "weight_map": dict(weight_map),
     }
     path = directory / SAFETENSORS_INDEX
@@ -169,7 +172,7 @@ class StoredArray:
         array = np.empty(self.shape, self.dtype)
         buffer = memoryview(array.reshape(-1).view(np.uint8))
         try:
-            with open(self.path, "rb", buffering=0) as file:
+            with open_regular_file(self.path, buffering=0) as file:
                 file.seek(self.offset)
                 done = 0
                 while done < len(buffer):  # one read returns at most about 2 GB
@@ -201,7 +204,8 @@ def _is_whole(index, shape: tuple[int, ...]) -> bool:
 
 
 class StoredFile:
-    """A safetensors file opened for reading: its header parsed and checked against the file.
+    """A safetensors file opened for reading: its header parsed and checked against the file;
+    `metadata` is the header's `__metadata__` (a map of strings, empty if it has none).
 
     The memory mapping (`safe_open`) is made only when a part of a tensor is asked for: opening
     one costs a read of the file's first page, which adds up over hundreds of files read whole.
@@ -211,8 +215,8 @@ class StoredFile:
         self.path = path
         self._handle = None
         try:
-            with open(path, "rb") as file:
-                self._tensors = _read_header(file, os.fstat(file.fileno()).st_size)
+            with open_regular_file(path) as file:
+                self._tensors, self.metadata = _read_header(file, os.fstat(file.fileno()).st_size)
         except FileNotFoundError as err:
             raise CheckpointError(f"{path} is missing") from err
         except OSError as err:
@@ -236,12 +240,13 @@ class StoredFile:
         return self._handle.get_slice(key)
 
 
-def _read_header(file, size: int) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
-    """Tensor name -> (dtype, shape, offset of its data in the file), from a safetensors header.
+def _read_header(file, size: int) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int]], dict[str, str]]:
+    """Tensor name -> (dtype, shape, offset of its data in the file), and the metadata, from a safetensors header.
 
     Checks what the format requires: a JSON object of tensors whose byte ranges follow each other
     from the start of the data with no gap, each the size of its shape and dtype, ending at the end
-    of the file. Raises ValueError (or TypeError, KeyError for a malformed entry) otherwise.
+    of the file, and metadata (if any) mapping strings to strings. Raises ValueError (or TypeError,
+    KeyError for a malformed entry) otherwise.
     """
     prefix = file.read(8)
     if len(prefix) < 8:
@@ -252,6 +257,9 @@ def _read_header(file, size: int) -> dict[str, tuple[np.dtype, tuple[int, ...], 
     header = json.loads(file.read(length))
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("the __metadata__ is not a JSON object of strings")
     data = 8 + length
     entries = sorted(
         ((key, entry) for key, entry in header.items() if key != "__metadata__"),
@@ -270,7 +278,7 @@ def _read_header(file, size: int) -> dict[str, tuple[np.dtype, tuple[int, ...], 
         tensors[key], end = (dtype, shape, data + begin), stop
     if data + end != size:
         raise ValueError(f"the tensors end at byte {data + end} but the file has {size} bytes")
-    return tensors
+    return tensors, metadata
 
 
 def open_file(path: Path) -> StoredFile:
@@ -282,7 +290,8 @@ def read_index(directory: Path) -> dict[str, str]:
     """The index's weight map (tensor name -> file name), checked for shape."""
     path = directory / SAFETENSORS_INDEX
     try:
-        index = json.loads(path.read_text())
+        with open_regular_file(path) as file:
+            index = json.loads(file.read().decode())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: not a readable index ({type(err).__name__}: {err})") from err
     weight_map = index.get("weight_map") if isinstance(index, dict) else None

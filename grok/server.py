@@ -19,12 +19,20 @@ answered with a 4xx and an OpenAI-style error naming the field, before anything 
 engine, so it never disturbs other requests. When `engine.queued` plus the new request's choices
 would exceed `max_queue`, the answer is 429 at once (with `Retry-After`).
 
+Life cycle: at start-up the engine compiles every program it runs (`Engine.warm_up`); until then
+`/health` and completions answer 503 "loading" (an engine that was already running is taken as
+warm). Told to stop (SIGTERM, or `should_exit` on the `uvicorn_server`), the server admits nothing
+more (503 "shutting down"), lets open requests run for `graceful_shutdown_s`, then ends each with a
+final "shutting down" error (a streamed event, or the JSON answer), and `serve` returns.
+
 With an `api_key`, every `/v1/...` request needs `Authorization: Bearer <key>` (else 401).
 `/health` and `/metrics` stay open: load balancers and Prometheus probe them without secrets,
 and they reveal no request content.
 
 `max_tokens` may be at most the engine's `cache_len`; a prompt must leave room for one new token.
-A generation that fills the context ends with finish_reason "length". Bodies over 4 MiB get 413.
+A generation that fills the context ends with finish_reason "length". Bodies over 4 MiB get 413, a
+body not received within `BODY_TIMEOUT_S` 408. The work a body may cause is bounded before it is
+parsed: one with more JSON values than the request could use (prompts x tokens) is refused unread.
 """
 
 from __future__ import annotations
@@ -38,13 +46,15 @@ import hmac
 import json
 import logging
 import secrets
+import signal
+import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Annotated, Any, AsyncIterator, Callable
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -62,11 +72,20 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "GROK_API_KEY"  # where the CLI reads the key from when `--api-key` is not given
 MAX_BODY_BYTES = 4 << 20
+BODY_TIMEOUT_S = 60.0  # for the whole body to arrive (else 408)
+DRAIN_MAX_BYTES = 64 << 20  # of an unread body, read and dropped after an early answer (413, 408, 401)
+DRAIN_TIMEOUT_S = 5.0  # ... for at most this long, then the connection is closed
+MAX_OTHER_VALUES = 1024  # JSON values a request may hold besides its prompts' token ids (see `_Server._parse`)
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_CHOICES = 64  # prompts x n per request (and never more than max_queue)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_TEMPERATURE = 1e4  # far beyond any useful value, well inside float32
 SHUTDOWN_WAIT_S = 10.0  # how long shutdown waits for cancelled streams to end
+UNAVAILABLE = {  # `_Server.status` other than "ok": what a refused request is told
+    "loading": "the model is loading (compiling its programs); retry shortly",
+    "shutting down": "the server is shutting down",
+    "engine stopped": "the engine is not running",
+}
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -94,16 +113,19 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        # ASCII JSON: a message may quote the request, and so hold a lone surrogate, which UTF-8 cannot
+        return Response(json.dumps(self.body(), separators=(",", ":")), status_code=self.status, headers=self.headers,
+                        media_type="application/json")
 
 
 def _from_validation(err: ValidationError) -> APIError:
     """The first pydantic error as a 400 naming its field."""
     first = err.errors(include_url=False)[0]
     kind, loc = first["type"], first["loc"]
-    if kind == "json_invalid":
-        return APIError(400, f"The request body is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}")
+    if kind == "string_unicode" and not loc:  # pydantic cannot even name such a field
+        return APIError(400, "A field name holds a lone surrogate (an unpaired \\ud800-\\udfff escape), "
+                        "which is not a character")
     if not loc:
         return APIError(400, "The request body must be a JSON object")
     param = str(loc[0])
@@ -113,7 +135,68 @@ def _from_validation(err: ValidationError) -> APIError:
         return APIError(400, f"Unrecognized request argument supplied: {param}", param)
     if kind == "missing":
         return APIError(400, f"Missing required parameter: '{param}'", param)
+    if isinstance(first.get("input"), _LongInteger):
+        digits = first["input"].digits
+        return APIError(400, f"Invalid value for '{param}': an integer of {digits} digits is out of range", param)
     return APIError(400, f"Invalid value for '{param}': {first['msg']}", param)
+
+
+# ---------------------------------------------------------------------------------- JSON
+
+
+@dataclasses.dataclass(frozen=True)
+class _LongInteger:
+    """A JSON integer too long for Python to convert (`sys.get_int_max_str_digits`); left in the
+    parsed body so that validation refuses it by its field."""
+
+    digits: int
+
+
+def _integer(text: str) -> int | _LongInteger:
+    try:
+        return int(text)
+    except ValueError:
+        return _LongInteger(len(text.lstrip("-")))
+
+
+def _load_json(text: str) -> Any:
+    """The body parsed by the standard library, which keeps what validation should refuse by field
+    (a lone surrogate escape, an integer out of range, NaN) rather than failing the whole document."""
+    try:
+        return json.loads(text, parse_int=_integer)
+    except RecursionError:
+        raise APIError(400, "The request body is not valid JSON: it is nested too deeply") from None
+    except json.JSONDecodeError as err:
+        raise APIError(400, f"The request body is not valid JSON: {err}") from None
+
+
+def _json_values(text: str, limit: int) -> int:
+    """About how many values a JSON text holds: one per `,` `[` `{` outside its strings, which is
+    what parsing it costs. Only a count over `limit` cuts the strings out to count again (escaped
+    backslashes and quotes dropped first, the remaining quotes delimit the strings)."""
+
+    def count(part: str) -> int:
+        return part.count(",") + part.count("[") + part.count("{")
+
+    values = count(text)
+    if values > limit:
+        values = count("".join(text.replace("\\\\", "").replace('\\"', "").split('"')[::2]))
+    return values
+
+
+def _text(value: str) -> str:
+    """A string that UTF-8 can hold: JSON can escape a lone UTF-16 surrogate (`\\ud800`), no character."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PydanticCustomError(
+            "lone_surrogate", "a lone surrogate (\\u{code}) at character {at} is not a character",
+            {"code": f"{ord(value[err.start]):04x}", "at": err.start},
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
 
 
 # ---------------------------------------------------------------------------------- request schema
@@ -131,7 +214,7 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    model: str
+    model: Text
     prompt: Any  # normalized by `_prompts` to a list of texts and token-id lists
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
@@ -146,22 +229,22 @@ class CompletionRequest(BaseModel):
     # Accepted at their neutral values only (clients such as LangChain always send them).
     echo: bool | None = None
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: dict[Text, float] | None = None
+    user: Text | None = None
 
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, value: Any) -> list[str | list[int]]:
         if isinstance(value, str):
-            return [value]
+            return [_text(value)]
         if isinstance(value, list) and value:
             if all(_is_token(x) for x in value):
                 return [value]
             if all(isinstance(x, str) for x in value):
-                return value
+                return [_text(x) for x in value]
             if all(isinstance(x, list) and all(_is_token(t) for t in x) for x in value):
                 return value
         raise PydanticCustomError(
@@ -178,7 +261,7 @@ class CompletionRequest(BaseModel):
             raise PydanticCustomError("stop", f"at most {MAX_STOP} stop strings are allowed, got {len(stops)}")
         if "" in stops:
             raise PydanticCustomError("stop", "stop strings must not be empty")
-        return tuple(stops)
+        return tuple(map(_text, stops))
 
     def unsupported(self) -> APIError | None:
         """The first option set to something this server does not do."""
@@ -188,7 +271,7 @@ class CompletionRequest(BaseModel):
             ("suffix", bool(self.suffix), "suffix is not supported"),
             ("presence_penalty", bool(self.presence_penalty), "presence_penalty is not supported (use 0)"),
             ("frequency_penalty", bool(self.frequency_penalty), "frequency_penalty is not supported (use 0)"),
-            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
+            ("logit_bias", any((self.logit_bias or {}).values()), "logit_bias is not supported (use 0 biases)"),
         ]
         for param, refused, message in checks:
             if refused:
@@ -233,7 +316,7 @@ class Metrics:
         Gauge("grok_active_slots", "Batch slots generating", registry=registry).set_function(lambda: engine.active)
         Gauge("grok_batch_slots", "Batch slots in the engine (max_batch)", registry=registry).set(engine.max_batch)
         Gauge("grok_batch_occupancy", "Active slots / max_batch", registry=registry).set_function(
-            lambda: engine.active / engine.max_batch
+            lambda: engine.active / max(engine.max_batch, 1)
         )
 
 
@@ -263,6 +346,52 @@ class _CountRequests:
             await self.app(scope, receive, counting_send)
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+class _DrainBody:
+    """ASGI middleware for answers sent before the request body was read (413, 408, 401, 404...):
+    they say `Connection: close`, and before they end, the rest of the body is read and dropped
+    (up to DRAIN_MAX_BYTES, for up to DRAIN_TIMEOUT_S). Closing a socket with unread bytes resets
+    the connection, and a client still sending its body would see that reset, not the answer."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        headers = dict(scope.get("headers", ())) if scope["type"] == "http" else {}
+        if headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers:
+            return await self.app(scope, receive, send)  # no body to read
+        unread = True
+
+        async def tracking_receive():
+            nonlocal unread
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                unread = False
+            return message
+
+        async def draining_send(message):
+            if unread and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            elif unread and message["type"] == "http.response.body" and not message.get("more_body", False):
+                await send({**message, "more_body": True})
+                await _drain(tracking_receive)
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app(scope, tracking_receive, draining_send)
+
+
+async def _drain(receive: Callable) -> None:
+    """Read and drop the rest of a request body, within DRAIN_MAX_BYTES and DRAIN_TIMEOUT_S."""
+    dropped = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            while dropped <= DRAIN_MAX_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                dropped += len(message.get("body", b""))
 
 
 # ---------------------------------------------------------------------------------- serving
@@ -335,6 +464,17 @@ class _Server:
         self.streams: set[Stream] = set()  # submitted and not yet ended
         self.pumps: set[asyncio.Task] = set()
         self.token_name = functools.lru_cache(maxsize=1 << 16)(self._token_name)
+        self.ready = False  # the engine is warm and running
+        self.closing = False  # shutting down: nothing more is admitted
+
+    @property
+    def status(self) -> str:
+        """What `/health` says: "ok", or why requests are refused (a key of UNAVAILABLE)."""
+        if self.closing:
+            return "shutting down"
+        if not self.ready:
+            return "loading"
+        return "ok" if self.engine.running else "engine stopped"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -347,24 +487,49 @@ class _Server:
             concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grok-server")
         )
         started_here = not self.engine.running
-        self.engine.start()
+        # An engine started elsewhere is its owner's to warm; this one is warmed before it starts.
+        warming = asyncio.create_task(self._warm_up()) if started_here else None
+        self.ready = not started_here
         logger.info("serving %s: %d slots of %d tokens", self.model_name, self.engine.max_batch, self.engine.cache_len)
         try:
             yield
         finally:
-            for stream in list(self.streams):
-                stream.cancel()
+            self.closing = True
+            if warming is not None:
+                warming.cancel()  # the engine is not started; a warm-up under way finishes in its thread
+            self.cancel_streams()
             if self.pumps:  # the engine ends each cancelled stream at its next step
                 await asyncio.wait(list(self.pumps), timeout=SHUTDOWN_WAIT_S)
             if started_here:
                 await asyncio.to_thread(self.engine.stop)
 
+    async def _warm_up(self) -> None:
+        start = time.monotonic()
+        try:
+            await asyncio.to_thread(self.engine.warm_up)
+        except Exception:  # serve anyway: then the first requests compile what they run
+            logger.exception("warming up the engine failed")
+        self.engine.start()
+        self.ready = True
+        logger.info("ready: the engine's programs compiled in %.1f s", time.monotonic() - start)
+
+    def close(self, grace_s: float | None) -> None:
+        """Begin shutting down: admit nothing more; after `grace_s` (None: never), end every open
+        request (each gets a final "shutting down" error)."""
+        self.closing = True
+        if grace_s is not None:
+            asyncio.get_running_loop().call_later(grace_s, self.cancel_streams)
+
+    def cancel_streams(self) -> None:
+        for stream in list(self.streams):
+            stream.cancel()
+
     # ------------------------------------------------------------------ endpoints
 
     async def health(self, request: Request) -> Response:
-        ok = self.engine.running
-        body = {"status": "ok" if ok else "engine stopped", "active": self.engine.active, "queued": self.engine.queued}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        status = self.status
+        body = {"status": status, "active": self.engine.active, "queued": self.engine.queued}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -427,8 +592,10 @@ class _Server:
         """One stream per prompt and choice (choice i samples with seed + i), or 429/503 at once."""
         engine = self.engine
         n = body.n or 1
-        if not engine.running:
-            raise APIError(503, "the engine is not running", type="server_error")
+        status = self.status
+        if status != "ok":
+            raise APIError(503, UNAVAILABLE[status], type="server_error", code=status.replace(" ", "_"),
+                           headers={"Retry-After": "1"} if status == "loading" else None)
         # Synchronous from this check to the submits: no other request can take the room checked here.
         if engine.queued + len(prompts) * n > self.max_queue:
             raise APIError(
@@ -502,19 +669,32 @@ class _Server:
             raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
         chunks, size = [], 0
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
-                chunks.append(chunk)
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_BODY_BYTES:
+                        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+                    chunks.append(chunk)
         except ClientDisconnect:
             raise APIError(400, "the client disconnected while sending the request") from None
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+                           code="request_timeout") from None
         try:
             text = b"".join(chunks).decode("utf-8")
         except UnicodeDecodeError as err:
             raise APIError(400, f"The request body is not valid UTF-8 (byte {err.start})") from None
+        # Parsing costs about one unit per JSON value; a request uses at most `max_choices` prompts of
+        # `cache_len` token ids, and a few other values. Beyond that the body is refused unparsed.
+        limit = self.max_choices * self.engine.cache_len + MAX_OTHER_VALUES
+        values = _json_values(text, limit)
+        if values > limit:
+            raise APIError(
+                400, f"the request body holds about {values} JSON values; at most {limit} are accepted "
+                f"({self.max_choices} prompts of {self.engine.cache_len - 1} token ids, and the other fields)",
+            )
         try:
-            return CompletionRequest.model_validate_json(text)
+            return CompletionRequest.model_validate(_load_json(text))
         except ValidationError as err:
             raise _from_validation(err) from None
 
@@ -661,12 +841,49 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.metrics_text, methods=["GET"]),
         ],
-        middleware=[Middleware(_CountRequests, metrics=server.metrics)],
+        middleware=[Middleware(_CountRequests, metrics=server.metrics), Middleware(_DrainBody)],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error},
         lifespan=server.lifespan,
     )
     app.state.server = server  # for tests and embedding: metrics registry, live streams
     return app
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, which tells the app when its shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, server: _Server, grace_s: float | None):
+        super().__init__(config)
+        self.app_server, self.grace_s = server, grace_s
+
+    async def shutdown(self, sockets=None) -> None:
+        self.app_server.close(self.grace_s)
+        await super().shutdown(sockets)
+
+
+def uvicorn_server(app: Starlette, graceful_shutdown_s: float | None = 30, **config: Any) -> uvicorn.Server:
+    """A uvicorn server for an app of `create_app` (`config`: `uvicorn.Config`'s arguments). Told to
+    stop (SIGINT, SIGTERM, `should_exit`), it admits no new request, gives open ones
+    `graceful_shutdown_s` (None: as long as they take), then ends each with a final "shutting down"
+    error; uvicorn's own limit, SHUTDOWN_WAIT_S later, cuts what is still left."""
+    timeout = None if graceful_shutdown_s is None else graceful_shutdown_s + SHUTDOWN_WAIT_S
+    config = uvicorn.Config(app, lifespan="on", timeout_graceful_shutdown=timeout, **config)
+    return _Uvicorn(config, app.state.server, graceful_shutdown_s)
+
+
+@contextlib.contextmanager
+def _sigterm_returns():
+    """Once it has shut down, uvicorn raises the signal that stopped it again, with the handler that
+    was there before: for SIGTERM, how process managers stop a server, the default one would end
+    the process with status 143 after a clean stop. A handler that does nothing lets `serve` return."""
+    if threading.current_thread() is not threading.main_thread():  # uvicorn handles no signal there
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def serve(
@@ -677,11 +894,10 @@ def serve(
     api_key: str | None = None,
     max_queue: int = 64,
     log_level: str = "info",
-    graceful_shutdown_s: int | None = 30,
+    graceful_shutdown_s: float | None = 30,
 ) -> None:
-    """Serve until interrupted. In-flight requests get `graceful_shutdown_s` to finish, then are cancelled."""
+    """Serve until SIGTERM or SIGINT (see `uvicorn_server` for the shutdown); returns after SIGTERM."""
     app = create_app(engine, model_name, api_key, max_queue)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=graceful_shutdown_s
-    )
-    uvicorn.Server(config).run()
+    server = uvicorn_server(app, graceful_shutdown_s, host=host, port=port, log_level=log_level)
+    with _sigterm_returns():
+        server.run()

@@ -46,3 +46,16 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         data = bytes(i - self.BYTE_OFFSET for i in ids if self.BYTE_OFFSET <= i < self.vocab_size)
         return data.decode("utf-8", errors="replace")
+
+
+BYTE_TOKENIZER = "bytes"  # the name that `load_tokenizer` (and --tokenizer) takes for `ByteTokenizer`
+
+
+def load_tokenizer(spec: str | Path | Tokenizer) -> Tokenizer:
+    """A tokenizer: the string "bytes" is `ByteTokenizer`, any other string or a path a SentencePiece model
+    file (write `./bytes` for a file of that name); a tokenizer is returned as is."""
+    if isinstance(spec, str) and spec == BYTE_TOKENIZER:
+        return ByteTokenizer()
+    if isinstance(spec, (str, Path)):
+        return SentencePieceTokenizer(spec)
+    return spec

@@ -29,6 +29,7 @@ from grok.checkpoint import (
 )
 from grok.config import PRESETS
 from grok.quant import QuantizedWeight8bit
+from blocking import call_with_timeout, make_fifo
 from param_checks import assert_same_logits, assert_same_params
 
 CONFIG = PRESETS["tiny"].replace(num_layers=11)  # 11 layers: string order puts _10 before _2
@@ -245,6 +246,15 @@ def test_corrupt_file_is_named(ckpt, damage):
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a pickle at all", "empty": b""}[damage])
     with pytest.raises(CheckpointError, match=f"{path.name}: not a valid tensor pickle"):
         read_checkpoint(ckpt, CONFIG, progress=False)
+
+
+def test_fifo_in_place_of_a_tensor_file_is_refused_without_blocking(ckpt, tmp_path):
+    release = make_fifo(tmp_path / "fifo")
+    path = ckpt / tensor_file_name(1)
+    path.unlink()
+    path.symlink_to(tmp_path / "fifo")
+    with pytest.raises(CheckpointError, match=f"{path}: is a FIFO, not a regular file"):
+        call_with_timeout(lambda: read_checkpoint(ckpt, CONFIG, progress=False), 20, on_timeout=release)
 
 
 def test_8bit_weight_must_hold_arrays(ckpt):

@@ -1,13 +1,18 @@
 """`python run.py`: the demo end to end, and one-line errors instead of tracebacks."""
 
+import dataclasses
+import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from grok import cli
+from grok.config import PRESETS
 from grok.demo import write_demo_checkpoint
+from grok.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "grok-1" / "tokenizer.model"
@@ -55,13 +60,13 @@ def test_cli_generates_from_a_checkpoint_with_a_json_config(tiny_checkpoint, cap
         (["--checkpoint", "/nonexistent/ckpt"], "checkpoint directory /nonexistent/ckpt does not exist"),
         (["--checkpoint", ".", "--tokenizer", "/nonexistent/t.model"], "tokenizer file /nonexistent/t.model"),
         (["--checkpoint", ".", "--config", "grok-9"], "unknown config 'grok-9'"),
-        (["--top-p", "2"], "top_p must be in (0, 1]"),
+        (["--top-p", "2"], "argument --top-p: must be a number in (0, 1], got '2'"),
         (["--weight-format", "cpu", "--mesh", "data=1,model=16"], "--weight-format cpu needs a single device"),
     ],
 )
 def test_errors_are_one_line(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(args) == 2
+    assert exit_status(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
@@ -72,3 +77,99 @@ def test_missing_tensor_file_is_named(tiny_checkpoint, capsys):
     assert cli.main(["--checkpoint", str(directory), "--config", str(config), "--tokenizer", str(TOKENIZER)]) == 2
     err = capsys.readouterr().err
     assert "tensor00007_000" in err and "multi_head_attention/query" in err
+
+
+def exit_status(args: list[str]) -> int:
+    """What `run.py ARGS` exits with: `cli.main`'s return value, or the status argparse exits with."""
+    try:
+        return cli.main(args)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.fixture
+def no_model(monkeypatch, tmp_path):
+    """Fails the test if a command gets past its flag checks (to loading a model or starting JAX)."""
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here: the demo's config
+
+    def refuse(*args, **kwargs):
+        pytest.fail("the flags were accepted")
+
+    monkeypatch.setattr(cli, "_load_model", refuse)
+    monkeypatch.setattr(cli.distributed, "initialize", refuse)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["serve", "--max-batch", "0"], "argument --max-batch: must be an integer >= 1, got '0'"),
+        (["serve", "--max-batch", "-1"], "argument --max-batch: must be an integer >= 1, got '-1'"),
+        (["serve", "--max-batch", "two"], "argument --max-batch: must be an integer >= 1, got 'two'"),
+        (["serve", "--port", "99999"], "argument --port: must be an integer in 1..65535, got '99999'"),
+        (["serve", "--cache-len", "0"], "argument --cache-len: must be an integer >= 1, got '0'"),
+        (["serve", "--cache-len", "257"], "--cache-len must be in 1..256 (the config's sequence_len), got 257"),
+        (["serve", "--max-queue", "0"], "argument --max-queue: must be an integer >= 1, got '0'"),
+        (["generate", "--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got '0'"),
+        (["--top-k", "-1"], "argument --top-k: must be an integer in 0..2147483647, got '-1'"),
+        (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], got '0'"),
+        (["--temperature", "nan"], "argument --temperature: must be a number >= 0, got 'nan'"),
+        (["--temperature", "-0.5"], "argument --temperature: must be a number >= 0, got '-0.5'"),
+        (["--temperature", "1e999"], "argument --temperature: must be a number >= 0, got '1e999'"),
+        (["--top-k", "9" * 30], f"argument --top-k: must be an integer in 0..2147483647, got '{'9' * 30}'"),
+        (["--seed", "-1"], "argument --seed: must be an integer in 0..4294967295, got '-1'"),
+        (["plan", "--batch", "0"], "argument --batch: must be an integer >= 1, got '0'"),
+        (["plan", "--cache-len", "0"], "argument --cache-len: must be an integer >= 1, got '0'"),
+        (["plan", "--cpu-devices", "-8"], "argument --cpu-devices: must be an integer >= 1, got '-8'"),
+        (["serve", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_out_of_range_flags_are_one_line_errors(no_model, args, message, capsys):
+    """Checked as the flags are parsed (argparse `type`s), or, for limits that depend on the config,
+    before anything slow; the many-process flags are checked by `distributed.initialize`."""
+    assert exit_status(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flag,env", [(["--api-key", ""], {}), ([], {"GROK_API_KEY": ""}), (["--api-key", " "], {})])
+def test_empty_api_key_is_an_error(no_model, monkeypatch, capsys, flag, env):
+    """An empty key would turn authentication off; a missing one is the way to say so."""
+    monkeypatch.delenv("GROK_API_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["serve", *flag]) == 2
+    err = capsys.readouterr().err
+    source = "--api-key" if flag else "$GROK_API_KEY"
+    assert f"error: {source} is empty" in err and err.count("\n") == 1, err
+
+
+def test_bad_config_file_is_a_one_line_error_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.distributed, "initialize", lambda *args, **kwargs: pytest.fail("got past the config"))
+    (tmp_path / "bad.json").write_text(json.dumps({**dataclasses.asdict(PRESETS["tiny"]), "num_layers": 0}))
+    assert cli.main(["--checkpoint", str(tmp_path), "--config", "bad.json"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json: invalid config: num_layers must be > 0, got 0" in err and err.count("\n") == 1, err
+
+
+def test_engine_rejects_an_empty_batch_and_cache():
+    """For API users as for the CLI: 0 slots would never serve, cache_len 0 is not "the whole context"."""
+    stub = types.SimpleNamespace(config=PRESETS["tiny"])  # checked before the model is touched
+    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
+        Engine(stub, max_batch=0)
+    with pytest.raises(ValueError, match="cache_len must be in 1..64, got 0"):
+        Engine(stub, max_batch=1, cache_len=0)
+
+
+def test_byte_tokenizer_takes_text_prompts_for_a_demo_checkpoint(tmp_path, capsys):
+    """`--tokenizer bytes`: the demo's byte-level tokenizer, for a checkpoint written with its vocabulary."""
+    config = PRESETS["shard"].replace(vocab_size=PRESETS["demo"].vocab_size)  # shards over the test devices
+    (tmp_path / "demo.json").write_text(config.to_json())
+    write_demo_checkpoint(tmp_path / "ckpt-0", config)
+    args = ["--checkpoint", str(tmp_path), "--config", str(tmp_path / "demo.json"), "--tokenizer", "bytes"]
+    assert cli.main(args + ["--prompt", "hé", "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "Prompt: hé" in out and "Output: " in out and "2 tokens" in out
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "--tokenizer FILE|bytes" in capsys.readouterr().out  # documented

@@ -42,7 +42,7 @@ def test_json_config_round_trip(tmp_path):
         (lambda d: d.update(hidden_size=3), "unknown config field(s): hidden_size"),
         (lambda d: d.pop("key_size"), "missing config field(s): key_size"),
         (lambda d: d.update(num_kv_heads=3), "multiple of num_kv_heads"),
-        (lambda d: d.update(emb_size="big"), "emb_size must be a number"),
+        (lambda d: d.update(emb_size="big"), "emb_size must be an integer, got 'big'"),
     ],
 )
 def test_bad_json_config_names_the_field(tmp_path, change, message):
@@ -51,6 +51,47 @@ def test_bad_json_config_names_the_field(tmp_path, change, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(fields))
     with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("num_kv_heads", 0, "num_kv_heads must be > 0, got 0"),
+        ("num_layers", 0, "num_layers must be > 0, got 0"),
+        ("num_layers", 4.0, "num_layers must be an integer, got 4.0"),
+        ("num_layers", 4.5, "num_layers must be an integer, got 4.5"),
+        ("emb_size", -256, "emb_size must be > 0, got -256"),
+        ("emb_size", True, "emb_size must be an integer, got True"),
+        ("widening_factor", float("nan"), "widening_factor must be finite, got nan"),
+        ("widening_factor", 0.001,
+         "widening_factor (0.001) x emb_size (64) must give a finite feed-forward width >= 1"),
+        ("attn_output_multiplier", float("inf"), "attn_output_multiplier must be finite, got inf"),
+        ("output_multiplier_scale", 0, "output_multiplier_scale must be > 0, got 0"),
+        ("embedding_multiplier_scale", "8", "embedding_multiplier_scale must be a number, got '8'"),
+        ("sequence_len", 0, "sequence_len must be > 0, got 0"),
+        ("num_experts", 0, "num_experts must be > 0, got 0"),
+        ("pad_token", -1, "pad_token must be >= 0, got -1"),
+        ("vocab_size", None, "vocab_size must be an integer, got None"),
+    ],
+)
+def test_numeric_config_errors_name_the_field_and_the_file(tmp_path, field, value, message):
+    """Checked field by field when the config is made: before a checkpoint is opened or a model traced."""
+    fields = dataclasses.asdict(PRESETS["tiny"])
+    fields[field] = value
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(fields))  # NaN and Infinity as Python's json writes and reads them
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    assert f"{path}: invalid config: {message}" in str(info.value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PRESETS["tiny"].replace(**{field: value})
+
+
+def test_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "utf16.json"
+    path.write_bytes(PRESETS["tiny"].to_json().encode("utf-16"))  # as some editors save it
+    with pytest.raises(ValueError, match=f"config file {re.escape(str(path))} is not UTF-8 text"):
         load_config(path)
 
 

@@ -26,6 +26,7 @@ from grok.checkpoint import (
 from grok.convert import convert
 from grok.safetensors_checkpoint import StoredArray, file_name, write_file
 from grok.sharding import Sharder, load_rules, make_mesh
+from blocking import call_with_timeout, make_fifo
 from host_memory import LiveTensors
 from param_checks import assert_same_logits, assert_same_params
 
@@ -279,6 +280,45 @@ def test_running_convert_again_rewrites_nothing(eleven, converted, monkeypatch):
     assert checkpoint_format(converted) == "safetensors"
 
 
+def test_output_of_another_checkpoint_is_refused_and_kept(eleven, converted, tmp_path):
+    """Converting B into A's output (same config: same names, dtypes and shapes) must not keep A's files."""
+    root, params = eleven
+    other = write_release(tmp_path / "b" / "ckpt-0", ELEVEN, seed=5)
+    before = {name: (converted / name).read_bytes() for name in os.listdir(converted)}
+    with pytest.raises(CheckpointError) as info:
+        convert(tmp_path / "b", converted, ELEVEN, progress=False)
+    message = str(info.value)
+    assert f"{converted} holds a conversion of {(root / 'ckpt-0').resolve()}" in message
+    assert f"not of {(tmp_path / 'b' / 'ckpt-0').resolve()}" in message
+    # Nothing was touched: the output is still A's finished conversion.
+    assert {name: (converted / name).read_bytes() for name in os.listdir(converted)} == before
+    assert_same_params(params, read_checkpoint(converted, ELEVEN, progress=False))
+    # An interrupted conversion of A (no index yet) is refused the same way.
+    (converted / SAFETENSORS_INDEX).unlink()
+    with pytest.raises(CheckpointError, match="holds a conversion of"):
+        convert(tmp_path / "b", converted, ELEVEN, progress=False)
+    # Into a directory of its own, B converts, and its values are B's.
+    convert(tmp_path / "b", tmp_path / "b-out", ELEVEN, progress=False)
+    assert_same_params(other, read_checkpoint(tmp_path / "b-out", ELEVEN, progress=False))
+
+
+def test_files_whose_source_changed_are_converted_again(tmp_path, monkeypatch):
+    """A source file rewritten since its conversion (same name, dtype and shape) is converted again."""
+    write_release(tmp_path / "ckpt-0", TINY, seed=1)
+    convert(tmp_path / "ckpt-0", tmp_path / "out", TINY, progress=False)
+    write_release(tmp_path / "new", TINY, seed=2)
+    changed = [1, 4]
+    for name in map(checkpoint.tensor_file_name, changed):  # replaced in place, as a second download would
+        shutil.copyfile(tmp_path / "new" / name, tmp_path / "ckpt-0" / name)
+    original, reads = checkpoint.load_tensor, []
+    monkeypatch.setattr(checkpoint, "load_tensor", lambda path: reads.append(Path(path).name) or original(path))
+    convert(tmp_path / "ckpt-0", tmp_path / "out", TINY, progress=False)
+    assert reads == [checkpoint.tensor_file_name(i) for i in changed]
+    monkeypatch.undo()
+    assert_same_params(read_checkpoint(tmp_path / "ckpt-0", TINY, progress=False),
+                       read_checkpoint(tmp_path / "out", TINY, progress=False))
+
+
 # ------------------------------------------------------------------------------------ detection
 
 
@@ -341,6 +381,22 @@ def test_corrupt_file_is_named(converted, damage):
     sharder = Sharder(load_rules("replicated"), make_mesh(1, 1, jax.devices()[:1]))
     with pytest.raises(CheckpointError, match=f"{path}: not a valid safetensors file"):
         loader.load_sharded(converted, ELEVEN, sharder, progress=False)
+
+
+def test_fifo_in_place_of_a_tensor_file_is_refused_without_blocking(eleven, converted, tmp_path):
+    release = make_fifo(tmp_path / "fifo")
+    path = converted / file_name(1)
+    path.unlink()
+    path.symlink_to(tmp_path / "fifo")
+    with pytest.raises(CheckpointError, match=f"{path}: is a FIFO, not a regular file"):
+        call_with_timeout(lambda: read_checkpoint(converted, ELEVEN, progress=False), 20, on_timeout=release)
+    # The source of a conversion, too.
+    source = Path(shutil.copytree(eleven[0] / "ckpt-0", tmp_path / "ckpt-0"))
+    path = source / checkpoint.tensor_file_name(1)
+    path.unlink()
+    path.symlink_to(tmp_path / "fifo")
+    with pytest.raises(CheckpointError, match=f"{path}: is a FIFO, not a regular file"):
+        call_with_timeout(lambda: convert(source, tmp_path / "out", ELEVEN, progress=False), 20, on_timeout=release)
 
 
 def test_header_that_does_not_fit_the_data_is_refused(converted):

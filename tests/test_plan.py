@@ -17,7 +17,7 @@ import jax
 import pytest
 
 from grok.config import PRESETS
-from grok.plan import GIB, choose_layout, make_plan, recommend
+from grok.plan import GIB, Plan, choose_layout, make_plan, recommend
 from grok.sharding import ShardingError, Sharder, load_rules, mesh_of
 
 GROK1 = PRESETS["grok-1"]
@@ -123,3 +123,18 @@ def test_plan_command_on_a_32_device_pod_fits_16_gb_chips():
 def test_plan_command_errors_are_one_line():
     result = run_plan("--mesh", "data=1,model=16", "--rules", "expert_tensor_parallel")
     assert result.returncode == 2 and "does not match" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_describe_names_the_fitting_sizes_and_warns_when_none_fits():
+    def plan(params_gib: float) -> Plan:
+        return Plan(
+            devices=8, mesh={"data": 1, "model": 8}, rules="tensor_parallel", batch=8, cache_len=8192,
+            prefill_len=512, params_bytes_per_device=int(params_gib * GIB), kv_bytes_per_device=GIB,
+            temp_bytes_per_device=GIB, temp_bytes={"decode": GIB, "prefill": GIB // 2},
+            compile_s={"decode": 1.0, "prefill": 2.0},
+        )
+
+    assert plan(20).fits() == [24, 32, 40, 48, 80, 96, 141]
+    assert "Fits devices of 24 GB, 32 GB" in plan(20).describe() and "WARNING" not in plan(20).describe()
+    assert plan(200).fits() == []
+    assert "WARNING: fits none of 16 GB" in plan(200).describe()

@@ -3,20 +3,22 @@ many concurrent clients, disconnects, bad input, the API key and a full queue.""
 
 import asyncio
 import contextlib
+import http.client as httplib
 import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import httpx2
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from grok import PRESETS, Grok, SamplingParams, weights
 from grok.engine import Engine, Request
-from grok.server import create_app
+from grok.server import create_app, uvicorn_server
 from grok.tokenizer import ByteTokenizer
 
 CONFIG = PRESETS["tiny"].replace(vocab_size=328)  # room for the byte tokenizer's ids
@@ -29,23 +31,27 @@ CACHE_LEN = 64
 @pytest.fixture(scope="module")
 def engine():
     params = weights.stack_layers(weights.random_params(CONFIG, 5), CONFIG.num_layers)
-    return Engine(Grok(CONFIG, params, ByteTokenizer()), max_batch=4, cache_len=CACHE_LEN)
+    # One prefill bucket (the prompts here are short), so warming up compiles two programs, not four;
+    # test_server_hardening.py warms several buckets.
+    return Engine(Grok(CONFIG, params, ByteTokenizer()), max_batch=4, cache_len=CACHE_LEN, prefill_chunk=16)
 
 
 @contextlib.contextmanager
-def running(app):
-    """Serve `app` with uvicorn from a background thread on a free loopback port; yields its base URL."""
+def running(app, ready=True, server=None):
+    """Serve `app` with uvicorn from a background thread on a free loopback port; yields its base URL
+    once `/health` says ready (or, with `ready=False`, once it listens)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = server or uvicorn_server(app, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
+    deadline = time.monotonic() + 120  # warming up compiles the model's programs
+    while not server.started or (ready and httpx2.get(f"{url}/health", timeout=10).status_code != 200):
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
+        time.sleep(0.05 if server.started else 0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -218,6 +224,7 @@ def test_models_health_and_metrics(url, http, client):
 
 # ------------------------------------------------------------------------------ bad input
 
+HUGE_SEED = b'{"model": "grok-tiny", "prompt": "ab", "seed": ' + b"9" * 5001 + b"}"
 BAD = [  # (what, body, status, param)
     ("malformed JSON", b'{"model": "grok-tiny", "prompt": ', 400, None),
     ("invalid UTF-8", b'{"model": "grok-tiny", "prompt": "\xff\xfe"}', 400, None),
@@ -265,6 +272,15 @@ BAD = [  # (what, body, status, param)
     ("logit_bias", {"logit_bias": {"70": 5}}, 400, "logit_bias"),
     ("presence_penalty", {"presence_penalty": 1.0}, 400, "presence_penalty"),
     ("too many choices", {"n": 65}, 400, "n"),
+    ("lone surrogate in the prompt", rb'{"model": "grok-tiny", "prompt": "a\ud800b"}', 400, "prompt"),
+    ("lone surrogate in a prompt list", {"prompt": ["ok", "\udc00"]}, 400, "prompt"),
+    ("lone surrogate in stop", {"stop": ["\ud83d"]}, 400, "stop"),
+    ("lone surrogate in the model", {"model": "grok\ud800"}, 400, "model"),
+    ("lone surrogate in a field name", {"\ud800": 1}, 400, None),
+    ("5001-digit seed", HUGE_SEED, 400, "seed"),
+    ("5001-digit negative max_tokens", HUGE_SEED.replace(b'"seed": ', b'"max_tokens": -'), 400, "max_tokens"),
+    ("NaN", b'{"model": "grok-tiny", "prompt": "ab", "temperature": NaN}', 400, "temperature"),
+    ("nested too deeply", b'{"model": "grok-tiny", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
 ]
 
 
@@ -289,6 +305,97 @@ def test_oversized_body_wrong_method_and_unknown_path(http):
     assert response.status_code == 405 and "error" in response.json()
     response = http.post("/v1/chat/completions", json={})
     assert response.status_code == 404 and "error" in response.json()
+
+
+def test_errors_say_what_is_wrong(http):
+    response = http.post("/v1/completions", content=rb'{"model": "grok-tiny", "prompt": "a\ud800b"}')
+    assert "lone surrogate" in response.json()["error"]["message"]
+    response = http.post("/v1/completions", content=rb'{"model": "grok-tiny", "prompt": "a", "\udfff": 1}')
+    assert "lone surrogate" in response.json()["error"]["message"]
+    response = http.post("/v1/completions", content=HUGE_SEED)
+    assert "5001 digits" in response.json()["error"]["message"]
+
+
+def test_neutral_values_are_accepted(http):
+    neutral = {"logit_bias": {"1": 0, "70": 0.0}, "presence_penalty": 0, "frequency_penalty": 0.0, "echo": False,
+               "best_of": 1, "suffix": "", "user": "u", "seed": 9 * 10**40}
+    response = http.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 2, **neutral})
+    assert response.status_code == 200, response.text
+
+
+def test_an_oversized_body_gets_its_413(url, client):
+    """Clients that send a whole 10 MB body before they read (http.client, urllib, the openai client)
+    get the JSON 413, not a connection reset, whether the size was declared or found while reading."""
+    body = json.dumps({"model": MODEL, "prompt": "a" * 10_000_000}).encode()
+    headers = {**AUTH, "Content-Type": "application/json", "Connection": "close"}
+    for chunked in (False, True):
+        conn = httplib.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+        if chunked:
+            chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
+            conn.request("POST", "/v1/completions", body=chunks, headers=headers, encode_chunked=True)
+        else:
+            conn.request("POST", "/v1/completions", body=body, headers=headers)
+        response = conn.getresponse()
+        assert response.status == 413 and response.getheader("connection") == "close"
+        assert json.loads(response.read())["error"]["type"] == "invalid_request_error"
+        conn.close()
+
+    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=30)
+    assert raised.value.code == 413 and "larger than" in json.loads(raised.value.read())["error"]["message"]
+
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.completions.create(model=MODEL, prompt="a" * 10_000_000)
+    assert raised.value.status_code == 413
+
+
+def test_a_huge_valid_body_is_refused_without_blocking_the_server(url, http):
+    """838,840 one-token prompts (4 MiB): refused before the work of parsing them, while `/health`
+    keeps answering at once."""
+    body = b'{"model":"grok-tiny","prompt":[' + b",".join([b"[70]"] * 838_840) + b'],"max_tokens":1}'
+    assert len(body) <= 4 << 20
+    answer = {}
+
+    def post():
+        start = time.monotonic()
+        answer["response"] = httpx2.post(f"{url}/v1/completions", content=body, headers=AUTH, timeout=60)
+        answer["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    slowest = 0.0
+    while thread.is_alive():
+        start = time.monotonic()
+        assert http.get("/health").status_code == 200
+        slowest = max(slowest, time.monotonic() - start)
+    thread.join()
+    assert slowest < 0.5 and answer["seconds"] < 1.5, (slowest, answer["seconds"])
+    response = answer["response"]
+    assert response.status_code == 400 and "JSON values" in response.json()["error"]["message"], response.text
+
+    # Commas and brackets inside strings are text, not values: this prompt is refused for its length.
+    response = http.post("/v1/completions", json={"model": MODEL, "prompt": "[1], \\\"" * 3000})
+    assert response.status_code == 400 and "tokens" in response.json()["error"]["message"]
+
+
+def test_a_body_that_never_arrives_times_out(url, monkeypatch):
+    """A declared body that is not sent gets 408 after the body timeout; the connection then closes."""
+    monkeypatch.setattr("grok.server.BODY_TIMEOUT_S", 0.5, raising=False)
+    monkeypatch.setattr("grok.server.DRAIN_TIMEOUT_S", 0.5, raising=False)
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        start = time.monotonic()
+        conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Length: 100\r\n\r\n{\"model\":".encode())
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += conn.recv(4096)
+        assert received.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 5
+        while chunk := conn.recv(4096):  # the server closes the connection
+            received += chunk
+        assert time.monotonic() - start < 5
+    assert json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
 
 
 def test_api_key_is_required(url, client):
