@@ -317,3 +317,17 @@ def test_pickle_cannot_modify_the_quantized_weight_class(ckpt):
     with pytest.raises(CheckpointError, match="not a NumPy array or QuantizedWeight8bit"):
         load_tensor(path)
     assert isinstance(QuantizedWeight8bit.shape, property)
+
+
+def test_pickles_written_by_numpy_1_load_bit_exactly():
+    """Golden files written as the reference wrote the release (NumPy 1.26, ml_dtypes 0.4.1,
+    `numpy.core.multiarray._reconstruct`; tests/data/numpy1/write.py), read under NumPy 2."""
+    data = Path(__file__).parent / "data" / "numpy1"
+    quantized = load_tensor(data / "tensor00000_000")
+    assert isinstance(quantized, QuantizedWeight8bit)
+    np.testing.assert_array_equal(quantized.weight, np.load(data / "weight.npy"))
+    assert quantized.weight.dtype == np.int8 and quantized.scales.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(quantized.scales.view(np.uint16), np.load(data / "scales_bits.npy"))
+    array = load_tensor(data / "tensor00001_000")
+    assert array.dtype == np.float32
+    np.testing.assert_array_equal(array, np.load(data / "array.npy"))
