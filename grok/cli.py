@@ -20,7 +20,7 @@ from grok.checkpoint import CheckpointError, find_checkpoint_dir
 from grok.config import GrokConfig, load_config
 from grok.engine import Engine
 from grok.demo import DEMO_CONFIG, write_demo_checkpoint
-from grok.plan import choose_layout
+from grok.plan import choose_layout, make_plan
 from grok.sharding import Sharder, load_rules, make_mesh, mesh_of, mesh_text, parse_mesh
 from grok.tokenizer import BYTE_TOKENIZER, ByteTokenizer
 
@@ -400,8 +400,6 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def plan(args: argparse.Namespace) -> int:
-    from grok.plan import make_plan
-
     config = load_config(args.config)
     cache_len = _cache_len(args.cache_len, config)
     rules = load_rules(args.rules) if args.rules is not None else None

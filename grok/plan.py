@@ -115,15 +115,15 @@ class Plan:
 
     def describe(self) -> str:
         """The plan as a person reads it."""
-        gib = lambda n: f"{n / GIB:8.2f} GiB"
+        gib = lambda n: f"{n / GIB:8.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:8.2f} MiB"
         lines = [
             f"Layout: --mesh {mesh_text(self.mesh)} --rules {self.rules} ({self.devices} devices)",
             f"Serving: batch {self.batch}, {self.cache_len}-token caches, prefill chunks of {self.prefill_len} tokens",
             "Per device:",
             f"  parameters   {gib(self.params_bytes_per_device)}",
             f"  KV cache     {gib(self.kv_bytes_per_device)}",
-            f"  temporaries  {gib(self.temp_bytes_per_device)}   (decode {self.temp_bytes['decode'] / GIB:.2f}, "
-            f"prefill {self.temp_bytes['prefill'] / GIB:.2f}; XLA's estimate)",
+            f"  temporaries  {gib(self.temp_bytes_per_device)}   (decode {gib(self.temp_bytes['decode']).strip()}, "
+            f"prefill {gib(self.temp_bytes['prefill']).strip()}; XLA's estimate)",
             f"  total        {gib(self.total_bytes_per_device)}",
             f"Compiled in {self.compile_s['decode']:.1f} s (decode) and {self.compile_s['prefill']:.1f} s (prefill).",
         ]
