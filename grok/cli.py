@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--max-queue", type=POSITIVE, default=64, help="waiting requests before answering 429 (default: 64)"
     )
+    srv.add_argument(
+        "--chat-template", metavar="FILE", help="JSON file that turns /v1/chat/completions messages into a prompt "
+        "(format: grok/chat.py; default: grok/chat_templates/plain.json, 'User: ...' lines, stop at '\\nUser:')",
+    )
 
     dl = commands.add_parser(
         "download",
@@ -390,12 +394,14 @@ def serve(args: argparse.Namespace) -> int:
 
     _check_layout_flags(args)
     api_key = _api_key(args.api_key, server.API_KEY_ENV)
+    chat_template = server.ChatTemplate.load(args.chat_template)  # a bad file: "FILE: what is wrong", at once
     _cache_len(args.cache_len, _checkpoint_and_config(args)[1])  # before the slow part
     model = _load_model(args)
     engine = Engine(model, max_batch=args.max_batch, cache_len=args.cache_len)
     log.info("serving %s on http://%s:%d (API key %s)", args.model_name, args.host, args.port,
              "required" if api_key else "not required")
-    server.serve(engine, args.host, args.port, args.model_name, api_key, args.max_queue)
+    server.serve(engine, args.host, args.port, args.model_name, api_key, args.max_queue,
+                 chat_template=chat_template)
     return 0
 
 

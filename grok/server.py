@@ -1,16 +1,31 @@
 """OpenAI-compatible HTTP server over a shared `Engine` (Starlette on uvicorn).
 
     from grok.server import serve
-    serve(engine, host="0.0.0.0", port=8000, model_name="grok-1", api_key="sk-...")
+    serve(engine, host="0.0.0.0", port=8000, model_name="grok-1", api_key="sk-...",
+          chat_template="my_template.json")  # optional; see `grok.chat` for the format
 
 Endpoints:
 - `POST /v1/completions`: the legacy completions API. `prompt` is text, token ids, or a list of
   either (one choice per prompt and per `n`); `max_tokens` (default 16), `temperature` (default 1),
   `top_p` (default 1), `top_k` (an extension; 0 is off), `seed` (choice i of a prompt samples with
   `seed + i`; no seed means a random one), `stop` (up to 4 strings), `n`, `logprobs` (0..8,
-  OpenAI's legacy format), `stream` (server-sent events ending in `data: [DONE]`, with a usage
-  chunk when `stream_options.include_usage`). `echo`, `best_of`, `suffix`, penalties and
-  `logit_bias` are accepted only at their neutral values. Unknown fields are refused.
+  OpenAI's legacy format), `echo` (the prompt's text starts each choice's text: the prompt string
+  as sent, or token ids decoded; streamed, it is each choice's first chunk), `stream` (server-sent
+  events ending in `data: [DONE]`, with a usage chunk when `stream_options.include_usage`).
+  `echo` with `logprobs` is refused (400, param "echo"): the engine does not score prompt tokens.
+  `best_of`, `suffix`, penalties and `logit_bias` are accepted only at their neutral values.
+  Unknown fields are refused.
+- `POST /v1/chat/completions`: the chat API. `messages` (roles system, user and assistant; content
+  a string or a list of `{"type": "text", "text": ...}` parts, joined with "\n"; `name` is
+  accepted and not used) is rendered to one prompt by the chat template (`grok.chat`: a file
+  given to `serve`, by default "System: ...", "User: ...", "Assistant: ..." lines and then
+  "Assistant:"), and the template's stop strings (by default "\nUser:") join the request's `stop`.
+  Then it is generated as a completion: the same sampling fields, `n`, `seed`, `stream`,
+  `stream_options` and errors; `max_tokens` or `max_completion_tokens` (default: up to the end of
+  the context), `logprobs: true` with `top_logprobs` (0..8) in the chat format. Answers are
+  `chat.completion` objects (`choices[i].message`), or streamed `chat.completion.chunk`s: first
+  each choice's role delta, then content deltas, then a chunk with its `finish_reason`, then
+  `data: [DONE]`. `tools`, `tool_choice` and `response_format` are accepted at their neutral values.
 - `GET /v1/models` (and `/v1/models/{id}`), `GET /health`, `GET /metrics` (Prometheus text).
 
 Every request goes through the one engine (continuous batching); the event loop only waits.
@@ -50,7 +65,8 @@ import signal
 import threading
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Callable
+from pathlib import Path
+from typing import Annotated, Any, AsyncIterator, Callable, Literal, Sequence, TypeVar
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -63,6 +79,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from grok.chat import ChatTemplate
 from grok.engine import MAX_TOP_LOGPROBS, Engine, Stream, TokenEvent
 from grok.engine import Request as EngineRequest
 from grok.sampling import SamplingParams
@@ -129,8 +146,10 @@ def _from_validation(err: ValidationError) -> APIError:
     if not loc:
         return APIError(400, "The request body must be a JSON object")
     param = str(loc[0])
-    if param == "stream_options" and len(loc) > 1 and isinstance(loc[1], str):
-        param += "." + loc[1]
+    if param in ("stream_options", "messages"):  # named to the field inside: messages[1].role
+        param += "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:])
+        if kind == "content_part":  # named to the part: messages[1].content[0].type
+            param += first["ctx"]["part"]
     if kind == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param)
     if kind == "missing":
@@ -209,13 +228,12 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # sent by some clients; nothing to obfuscate here
 
 
-class CompletionRequest(BaseModel):
-    """The body of `POST /v1/completions`, validated strictly (no "16" for 16, no true for 1)."""
+class _GenerationRequest(BaseModel):
+    """The fields both generating endpoints take, validated strictly (no "16" for 16, no true for 1)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: Text
-    prompt: Any  # normalized by `_prompts` to a list of texts and token-id lists
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -223,17 +241,52 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     stop: Any = Field(None, validate_default=True)  # normalized by `_stop` to a tuple of strings
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     # Accepted at their neutral values only (clients such as LangChain always send them).
-    echo: bool | None = None
-    best_of: int | None = None
-    suffix: Text | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[Text, float] | None = None
     user: Text | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> tuple[str, ...]:
+        stops = [value] if isinstance(value, str) else [] if value is None else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise PydanticCustomError("stop", "must be a string or a list of strings")
+        if len(stops) > MAX_STOP:
+            raise PydanticCustomError("stop", f"at most {MAX_STOP} stop strings are allowed, got {len(stops)}")
+        if "" in stops:
+            raise PydanticCustomError("stop", "stop strings must not be empty")
+        return tuple(map(_text, stops))
+
+    def _refusals(self) -> list[tuple[str, bool, str]]:
+        """(param, refused, message) of each option this server does not do."""
+        return [
+            ("presence_penalty", bool(self.presence_penalty), "presence_penalty is not supported (use 0)"),
+            ("frequency_penalty", bool(self.frequency_penalty), "frequency_penalty is not supported (use 0)"),
+            ("logit_bias", any((self.logit_bias or {}).values()), "logit_bias is not supported (use 0 biases)"),
+        ]
+
+    def unsupported(self) -> APIError | None:
+        """The first option set to something this server does not do."""
+        for param, refused, message in self._refusals():
+            if refused:
+                return APIError(400, message, param)
+        if self.stream_options is not None and not self.stream:
+            return APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+        return None
+
+
+class CompletionRequest(_GenerationRequest):
+    """The body of `POST /v1/completions`."""
+
+    prompt: Any  # normalized by `_prompts` to a list of texts and token-id lists
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = None
+    best_of: int | None = None  # accepted at neutral values only, as below
+    suffix: Text | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -251,34 +304,89 @@ class CompletionRequest(BaseModel):
             "prompt", "must be a string, a list of strings, a list of token ids or a list of token-id lists"
         )
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: Any) -> tuple[str, ...]:
-        stops = [value] if isinstance(value, str) else [] if value is None else value
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise PydanticCustomError("stop", "must be a string or a list of strings")
-        if len(stops) > MAX_STOP:
-            raise PydanticCustomError("stop", f"at most {MAX_STOP} stop strings are allowed, got {len(stops)}")
-        if "" in stops:
-            raise PydanticCustomError("stop", "stop strings must not be empty")
-        return tuple(map(_text, stops))
-
-    def unsupported(self) -> APIError | None:
-        """The first option set to something this server does not do."""
-        checks = [
-            ("echo", bool(self.echo), "echo is not supported"),
+    def _refusals(self) -> list[tuple[str, bool, str]]:
+        return [
+            ("echo", bool(self.echo) and self.logprobs is not None,
+             "echo with logprobs is not supported: this server does not score prompt tokens (leave out one of them)"),
             ("best_of", self.best_of not in (None, self.n or 1), "best_of must equal n (or be left out)"),
             ("suffix", bool(self.suffix), "suffix is not supported"),
-            ("presence_penalty", bool(self.presence_penalty), "presence_penalty is not supported (use 0)"),
-            ("frequency_penalty", bool(self.frequency_penalty), "frequency_penalty is not supported (use 0)"),
-            ("logit_bias", any((self.logit_bias or {}).values()), "logit_bias is not supported (use 0 biases)"),
+            *super()._refusals(),
         ]
-        for param, refused, message in checks:
-            if refused:
-                return APIError(400, message, param)
-        if self.stream_options is not None and not self.stream:
-            return APIError(400, "stream_options is only allowed when stream is true", "stream_options")
-        return None
+
+
+class ChatMessage(BaseModel):
+    """One of `messages`: its content normalized to a string."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: Any
+    name: Text | None = None  # accepted (OpenAI allows it); the template does not use it
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: Any) -> str:
+        if isinstance(value, str):
+            return _text(value)
+        if not isinstance(value, list):
+            raise PydanticCustomError("content", "must be a string or a list of text parts")
+        texts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict):
+                raise _part_error(i, "", 'a content part must be an object {"type": "text", "text": ...}')
+            if part.get("type") != "text":
+                kind = part.get("type")
+                raise _part_error(i, ".type", f"only text parts are supported, got {kind!r}" if "type" in part
+                                  else "a content part needs \"type\": \"text\"")
+            for key in part:
+                if key not in ("type", "text"):
+                    raise _part_error(i, f".{key}", f"unknown field {key!r} in a text part")
+            if not isinstance(part.get("text"), str):
+                raise _part_error(i, ".text", "a text part needs \"text\": a string")
+            texts.append(_text(part["text"]))
+        return "\n".join(texts)
+
+
+def _part_error(index: int, field: str, message: str) -> PydanticCustomError:
+    """An error in one part of a message's content; `_from_validation` adds `part` to the param."""
+    return PydanticCustomError("content_part", "{problem}", {"problem": message, "part": f"[{index}]{field}"})
+
+
+class ChatRequest(_GenerationRequest):
+    """The body of `POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Accepted at their neutral values only.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: Any = None
+
+    @property
+    def requested_tokens(self) -> tuple[int | None, str]:
+        """The completion's token limit and the field that set it."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def _refusals(self) -> list[tuple[str, bool, str]]:
+        return [
+            ("max_completion_tokens", None not in (self.max_tokens, self.max_completion_tokens)
+             and self.max_tokens != self.max_completion_tokens,
+             "max_tokens and max_completion_tokens differ; give one of them"),
+            ("top_logprobs", self.top_logprobs is not None and not self.logprobs,
+             "top_logprobs needs logprobs: true"),
+            ("tools", bool(self.tools), "tools are not supported"),
+            ("tool_choice", self.tool_choice not in (None, "none"), "tool_choice is not supported (use \"none\")"),
+            ("response_format", self.response_format not in (None, {"type": "text"}),
+             'response_format is not supported (use {"type": "text"})'),
+            *super()._refusals(),
+        ]
+
+
+RequestBody = TypeVar("RequestBody", CompletionRequest, ChatRequest)
 
 
 def _is_token(x: Any) -> bool:
@@ -323,7 +431,7 @@ class Metrics:
 class _CountRequests:
     """ASGI middleware: counts every HTTP response by endpoint and status (500 if none was sent)."""
 
-    ENDPOINTS = ("/v1/completions", "/v1/models", "/health", "/metrics")
+    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
     def __init__(self, app, metrics: Metrics):
         self.app = app
@@ -397,73 +505,155 @@ async def _drain(receive: Callable) -> None:
 # ---------------------------------------------------------------------------------- serving
 
 
+@dataclasses.dataclass(frozen=True)
+class _Token:
+    """A generated token as `logprobs` reports it."""
+
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # the engine's alternatives: (token id, logprob)
+    offset: int  # characters of the choice's text before this token's
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """What one engine event added to a choice."""
+
+    text: str
+    tokens: tuple[_Token, ...]  # the token it generated, when logprobs are asked for and it counts
+    finish_reason: str | None  # the engine's
+
+
 @dataclasses.dataclass
 class _Choice:
-    """What one stream has produced so far, in the response's terms."""
+    """What one stream has produced so far, whatever the endpoint."""
 
     index: int
-    logprobs: int | None  # requested alternatives, None for no logprobs
+    logprobs: bool  # whether the answer reports logprobs
     text: list[str] = dataclasses.field(default_factory=list)
     chars: int = 0
-    tokens: list[str] = dataclasses.field(default_factory=list)
-    token_logprobs: list[float] = dataclasses.field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = dataclasses.field(default_factory=list)
-    text_offset: list[int] = dataclasses.field(default_factory=list)
+    tokens: list[_Token] = dataclasses.field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None  # the engine's
 
-    def add(self, event: TokenEvent, name: Callable[[int], str]) -> dict[str, Any]:
-        """Record an event; returns its delta as a streamed choice."""
+    def add(self, event: TokenEvent) -> _Step:
         counted = event.finish_reason not in ("stop", "cancelled")  # as `Stream.result` counts tokens
-        delta = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        tokens: tuple[_Token, ...] = ()
         if counted:
             self.completion_tokens += 1
-            if self.logprobs is not None:
-                top = {name(t): lp for t, lp in event.top_logprobs}
-                top.setdefault(name(event.token_id), event.logprob)  # OpenAI always reports the chosen token
-                delta = {
-                    "tokens": [name(event.token_id)], "token_logprobs": [event.logprob], "top_logprobs": [top],
-                    "text_offset": [self.chars],
-                }
-                for key, values in delta.items():
-                    getattr(self, key).extend(values)
+            if self.logprobs:
+                tokens = (_Token(event.token_id, event.logprob, event.top_logprobs, self.chars),)
+                self.tokens.extend(tokens)
         self.text.append(event.text)
         self.chars += len(event.text)
         self.finish_reason = event.finish_reason
+        return _Step(event.text, tokens, event.finish_reason)
+
+
+class _TextFormat:
+    """`/v1/completions` answers: `text_completion` objects, logprobs in OpenAI's legacy format."""
+
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl-"
+
+    def __init__(self, token_name: Callable[[int], str], echo: list[str] | None = None):
+        self.name = token_name
+        self.echo = echo  # each choice's prompt text, with `echo`
+
+    def opening(self, choices: list[_Choice]) -> list[dict[str, Any]]:
+        """Streamed before any token: each choice's prompt, with `echo`."""
+        if self.echo is None:
+            return []
+        return [{"index": c.index, "text": self.echo[c.index], "logprobs": None, "finish_reason": None}
+                for c in choices]
+
+    def deltas(self, choice: _Choice, step: _Step) -> list[dict[str, Any]]:
+        logprobs = self._logprobs(step.tokens) if choice.logprobs else None
+        return [{"index": choice.index, "text": step.text, "logprobs": logprobs,
+                 "finish_reason": FINISH_REASONS.get(step.finish_reason)}]
+
+    def final(self, choice: _Choice) -> dict[str, Any]:
+        text = "".join(choice.text)
         return {
-            "index": self.index,
-            "text": event.text,
-            "logprobs": delta if self.logprobs is not None else None,
-            "finish_reason": FINISH_REASONS.get(event.finish_reason),
+            "index": choice.index, "text": text if self.echo is None else self.echo[choice.index] + text,
+            "logprobs": self._logprobs(choice.tokens) if choice.logprobs else None,
+            "finish_reason": FINISH_REASONS.get(choice.finish_reason),
         }
 
-    def final(self) -> dict[str, Any]:
-        logprobs = None
-        if self.logprobs is not None:
-            logprobs = {
-                "tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
-                "text_offset": self.text_offset,
-            }
+    def _logprobs(self, tokens: Sequence[_Token]) -> dict[str, list]:
+        name = self.name
+        tops = []
+        for token in tokens:
+            top = {name(t): lp for t, lp in token.top}
+            top.setdefault(name(token.id), token.logprob)  # OpenAI always reports the chosen token
+            tops.append(top)
         return {
-            "index": self.index, "text": "".join(self.text), "logprobs": logprobs,
-            "finish_reason": FINISH_REASONS.get(self.finish_reason),
+            "tokens": [name(t.id) for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": tops, "text_offset": [t.offset for t in tokens],
         }
+
+
+class _ChatFormat:
+    """`/v1/chat/completions` answers: `chat.completion` objects (`chat.completion.chunk` streamed)."""
+
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def __init__(self, token_name: Callable[[int], str], token_bytes: Callable[[int], list[int] | None]):
+        self.name, self.bytes = token_name, token_bytes
+
+    def opening(self, choices: list[_Choice]) -> list[dict[str, Any]]:
+        """Streamed before any token: each choice's role."""
+        return [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None} for c in choices]
+
+    def deltas(self, choice: _Choice, step: _Step) -> list[dict[str, Any]]:
+        """A content delta (if the step has text or a token to report), then a finish delta at the end."""
+        deltas = []
+        if step.text or step.tokens:
+            logprobs = {"content": self._content(step.tokens), "refusal": None} if choice.logprobs else None
+            deltas.append({"index": choice.index, "delta": {"content": step.text}, "logprobs": logprobs,
+                           "finish_reason": None})
+        if step.finish_reason is not None:
+            deltas.append({"index": choice.index, "delta": {}, "logprobs": None,
+                           "finish_reason": FINISH_REASONS.get(step.finish_reason)})
+        return deltas
+
+    def final(self, choice: _Choice) -> dict[str, Any]:
+        logprobs = {"content": self._content(choice.tokens), "refusal": None} if choice.logprobs else None
+        return {
+            "index": choice.index, "message": {"role": "assistant", "content": "".join(choice.text)},
+            "logprobs": logprobs, "finish_reason": FINISH_REASONS.get(choice.finish_reason),
+        }
+
+    def _content(self, tokens: Sequence[_Token]) -> list[dict[str, Any]]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            return {"token": self.name(token_id), "logprob": logprob, "bytes": self.bytes(token_id)}
+
+        return [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in tokens]
+
+
+_Format = _TextFormat | _ChatFormat
 
 
 class _Server:
     """The app's state and handlers."""
 
-    def __init__(self, engine: Engine, model_name: str, api_key: str | None, max_queue: int):
+    def __init__(self, engine: Engine, model_name: str, api_key: str | None, max_queue: int,
+                 chat_template: ChatTemplate):
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key
         self.max_queue = max_queue
+        self.chat_template = chat_template
         self.max_choices = max(1, min(MAX_CHOICES, max_queue))
         self.metrics = Metrics(engine)
         self.created = int(time.time())
         self.streams: set[Stream] = set()  # submitted and not yet ended
         self.pumps: set[asyncio.Task] = set()
         self.token_name = functools.lru_cache(maxsize=1 << 16)(self._token_name)
+        self.token_bytes = functools.lru_cache(maxsize=1 << 16)(self._token_bytes)
         self.ready = False  # the engine is warm and running
         self.closing = False  # shutting down: nothing more is admitted
 
@@ -545,17 +735,68 @@ class _Server:
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
-        body = await self._parse(request)
-        prompts, max_tokens = await self._check(body)
-        run = _Run(self, self._submit(body, prompts, max_tokens), request, body.logprobs)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        body = await self._parse(request, CompletionRequest)
+        count = len(body.prompt)
+        max_tokens = self._check(body, body.max_tokens, "max_tokens", DEFAULT_MAX_TOKENS, count)
+        prompts = [await self._encode(p, f"prompt {i}" if count > 1 else "the prompt", "prompt")
+                   for i, p in enumerate(body.prompt)]
+        echo = None
+        if body.echo:
+            tokenizer = self.engine.grok.tokenizer
+            if tokenizer is None and not all(isinstance(p, str) for p in body.prompt):
+                raise APIError(400, "echo of token ids needs a tokenizer, which this model has not", "echo")
+            texts = [p if isinstance(p, str) else tokenizer.decode(ids) for p, ids in zip(body.prompt, prompts)]
+            echo = [text for text in texts for _ in range(body.n or 1)]  # choice i is of prompt i // n
+        return await self._generate(request, body, prompts, max_tokens, body.stop, body.logprobs,
+                                    _TextFormat(self.token_name, echo))
+
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._parse(request, ChatRequest)
+        max_tokens = self._check(body, *body.requested_tokens, self.engine.cache_len, 1)
+        if self.engine.grok.tokenizer is None:
+            raise APIError(400, "chat needs a tokenizer to encode the messages, which this model has not", "messages")
+        template = self.chat_template
+        prompt = template.render((m.role, m.content) for m in body.messages)
+        ids = await self._encode(prompt, "the chat prompt (the messages in the chat template)", "messages")
+        stop = body.stop + tuple(s for s in template.stop if s not in body.stop)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await self._generate(request, body, [ids], max_tokens, stop, logprobs,
+                                    _ChatFormat(self.token_name, self.token_bytes))
+
+    def _check(self, body: _GenerationRequest, max_tokens: int | None, param: str, default: int, prompts: int) -> int:
+        """What the engine would refuse (or choke on) in the fields both endpoints share, as a 4xx
+        naming the field; returns max_tokens (`default` when not given)."""
+        self._check_model(body.model)
+        error = body.unsupported()
+        if error is not None:
+            raise error
+        cache_len = self.engine.cache_len
+        max_tokens = default if max_tokens is None else max_tokens
+        if max_tokens > cache_len:
+            raise APIError(400, f"{param} is {max_tokens}; the context holds {cache_len} tokens", param)
+        if body.stop and self.engine.grok.tokenizer is None:
+            raise APIError(400, "stop strings need a tokenizer, which this model has not", "stop")
+        choices = prompts * (body.n or 1)
+        if choices > self.max_choices:
+            param = "n" if prompts == 1 else "prompt"
+            raise APIError(400, f"prompts x n is {choices}; at most {self.max_choices} are served", param)
+        return max_tokens
+
+    async def _generate(
+        self, request: Request, body: _GenerationRequest, prompts: list[list[int]], max_tokens: int,
+        stop: tuple[str, ...], logprobs: int | None, answer: _Format,
+    ) -> Response:
+        """Run checked prompts (`n` choices each) and answer in the endpoint's format, streamed or not."""
+        run = _Run(self, self._submit(body, prompts, max_tokens, stop, logprobs), request, logprobs is not None)
+        head = {"id": f"{answer.id_prefix}{uuid.uuid4().hex}", "object": answer.object, "created": int(time.time()),
                 "model": self.model_name}
         prompt_tokens = sum(map(len, prompts))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                self._sse(run, head, prompt_tokens, include_usage), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                self._sse(run, answer, {**head, "object": answer.chunk_object}, prompt_tokens, include_usage),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         async for _ in run.events():
             pass
@@ -564,31 +805,13 @@ class _Server:
         for choice in run.choices:
             if choice.finish_reason not in FINISH_REASONS:
                 raise _ended_early(choice.finish_reason)
-        completion_tokens = sum(c.completion_tokens for c in run.choices)
-        return JSONResponse(
-            {**head, "choices": [c.final() for c in run.choices], "usage": _usage(prompt_tokens, completion_tokens)}
-        )
+        usage = _usage(prompt_tokens, sum(c.completion_tokens for c in run.choices))
+        return JSONResponse({**head, "choices": [answer.final(c) for c in run.choices], "usage": usage})
 
-    async def _check(self, body: CompletionRequest) -> tuple[list[list[int]], int]:
-        """Everything the engine would refuse (or choke on), as a 4xx naming the field; returns the
-        prompts' token ids and max_tokens."""
-        self._check_model(body.model)
-        error = body.unsupported()
-        if error is not None:
-            raise error
-        cache_len = self.engine.cache_len
-        max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        if max_tokens > cache_len:
-            raise APIError(400, f"max_tokens is {max_tokens}; the context holds {cache_len} tokens", "max_tokens")
-        if body.stop and self.engine.grok.tokenizer is None:
-            raise APIError(400, "stop strings need a tokenizer, which this model has not", "stop")
-        choices = len(body.prompt) * (body.n or 1)
-        if choices > self.max_choices:
-            param = "n" if len(body.prompt) == 1 else "prompt"
-            raise APIError(400, f"prompts x n is {choices}; at most {self.max_choices} are served", param)
-        return [await self._encode(prompt, i, len(body.prompt)) for i, prompt in enumerate(body.prompt)], max_tokens
-
-    def _submit(self, body: CompletionRequest, prompts: list[list[int]], max_tokens: int) -> list[Stream]:
+    def _submit(
+        self, body: _GenerationRequest, prompts: list[list[int]], max_tokens: int, stop: tuple[str, ...],
+        logprobs: int | None,
+    ) -> list[Stream]:
         """One stream per prompt and choice (choice i samples with seed + i), or 429/503 at once."""
         engine = self.engine
         n = body.n or 1
@@ -616,7 +839,7 @@ class _Server:
         try:
             for ids in prompts:
                 for params in sampling:
-                    streams.append(engine.submit(EngineRequest(ids, max_tokens, params, body.stop, body.logprobs or 0)))
+                    streams.append(engine.submit(EngineRequest(ids, max_tokens, params, stop, logprobs or 0)))
         except ValueError as err:  # `_check` should have caught it; never leave half a request running
             for stream in streams:
                 stream.cancel()
@@ -624,15 +847,19 @@ class _Server:
         self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         return streams
 
-    async def _sse(self, run: _Run, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(
+        self, run: _Run, answer: _Format, head: dict, prompt_tokens: int, include_usage: bool
+    ) -> AsyncIterator[str]:
         extra = {"usage": None} if include_usage else {}
         try:
-            async for choice in run.events():
-                reason = run.choices[choice["index"]].finish_reason
-                if reason is not None and reason not in FINISH_REASONS:
-                    yield _event_line(_ended_early(reason).body())
-                    return
+            for choice in answer.opening(run.choices):
                 yield _event_line({**head, "choices": [choice], **extra})
+            async for choice, step in run.events():
+                if step.finish_reason is not None and step.finish_reason not in FINISH_REASONS:
+                    yield _event_line(_ended_early(step.finish_reason).body())
+                    return
+                for delta in answer.deltas(choice, step):
+                    yield _event_line({**head, "choices": [delta], **extra})
         except Exception:
             logger.exception("streaming failed")
             yield _event_line(APIError(500, "internal error while generating", type="server_error").body())
@@ -663,7 +890,7 @@ class _Server:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "grok",
                 "max_model_len": self.engine.cache_len}
 
-    async def _parse(self, request: Request) -> CompletionRequest:
+    async def _parse(self, request: Request, schema: type[RequestBody]) -> RequestBody:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
@@ -694,25 +921,24 @@ class _Server:
                 f"({self.max_choices} prompts of {self.engine.cache_len - 1} token ids, and the other fields)",
             )
         try:
-            return CompletionRequest.model_validate(_load_json(text))
+            return schema.model_validate(_load_json(text))
         except ValidationError as err:
             raise _from_validation(err) from None
 
-    async def _encode(self, prompt: str | list[int], index: int, count: int) -> list[int]:
-        """Token ids of one prompt, checked against the vocabulary and the context."""
-        where = f"prompt {index}" if count > 1 else "the prompt"
+    async def _encode(self, prompt: str | list[int], where: str, param: str) -> list[int]:
+        """Token ids of one prompt (`where` names it in errors), checked against the vocabulary and the context."""
         try:
             ids = await asyncio.to_thread(self.engine.grok.encode, prompt) if isinstance(prompt, str) else (
                 self.engine.grok.encode(prompt)
             )
         except ValueError as err:
-            raise APIError(400, f"{where}: {err}", "prompt") from None
+            raise APIError(400, f"{where}: {err}", param) from None
         if not ids:
-            raise APIError(400, f"{where} is empty", "prompt")
+            raise APIError(400, f"{where} is empty", param)
         if len(ids) >= self.engine.cache_len:
             raise APIError(
                 400, f"{where} has {len(ids)} tokens; this model's context holds {self.engine.cache_len}, "
-                "and at least one must be left for the completion", "prompt",
+                "and at least one must be left for the completion", param,
             )
         return ids
 
@@ -727,6 +953,14 @@ class _Server:
             return f"bytes:\\x{token_id - tokenizer.BYTE_OFFSET:02x}"
         return f"<|token:{token_id}|>"
 
+    def _token_bytes(self, token_id: int) -> list[int] | None:
+        """A token's UTF-8 bytes, as chat `logprobs` report them (None for a token with no text)."""
+        tokenizer = self.engine.grok.tokenizer
+        if isinstance(tokenizer, ByteTokenizer) and 0 <= token_id - tokenizer.BYTE_OFFSET < 256:
+            return [token_id - tokenizer.BYTE_OFFSET]
+        name = self.token_name(token_id)
+        return None if name.startswith("<|token:") else list(name.encode("utf-8"))
+
 
 class _Run:
     """The streams of one HTTP request, merged into one sequence of streamed choices.
@@ -735,7 +969,7 @@ class _Run:
     stream's thread never waits forever; the request's client going away cancels them all.
     """
 
-    def __init__(self, server: _Server, streams: list[Stream], request: Request, logprobs: int | None):
+    def __init__(self, server: _Server, streams: list[Stream], request: Request, logprobs: bool):
         self.server = server
         self.streams = streams
         self.request = request
@@ -778,8 +1012,8 @@ class _Run:
         for stream in self.streams:
             stream.cancel()
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Each event as a streamed choice (see `_Choice.add`), until every stream has ended."""
+    async def events(self) -> AsyncIterator[tuple[_Choice, _Step]]:
+        """Each event as what it added to its choice (see `_Choice.add`), until every stream has ended."""
         remaining = len(self.streams)
         try:
             while remaining:
@@ -788,7 +1022,8 @@ class _Run:
                     raise event
                 if event.finish_reason is not None:
                     remaining -= 1
-                yield self.choices[index].add(event, self.server.token_name)
+                choice = self.choices[index]
+                yield choice, choice.add(event)
         finally:
             self._watcher.cancel()
             early = remaining > 0 or any(c.finish_reason == "cancelled" for c in self.choices)
@@ -816,11 +1051,17 @@ def _event_line(payload: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- app
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_queue: int = 64) -> Starlette:
-    """The ASGI app. Its lifespan starts the engine (and stops it if it started it)."""
+def create_app(
+    engine: Engine, model_name: str, api_key: str | None = None, max_queue: int = 64,
+    chat_template: ChatTemplate | str | Path | None = None,
+) -> Starlette:
+    """The ASGI app. Its lifespan starts the engine (and stops it if it started it). `chat_template`:
+    a `ChatTemplate` or its file (None: the default, `grok.chat.DEFAULT_TEMPLATE`)."""
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-    server = _Server(engine, model_name, api_key or None, max_queue)
+    if not isinstance(chat_template, ChatTemplate):
+        chat_template = ChatTemplate.load(chat_template)
+    server = _Server(engine, model_name, api_key or None, max_queue, chat_template)
 
     async def api_error(request: Request, exc: APIError) -> Response:
         return exc.response()
@@ -836,6 +1077,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     app = Starlette(
         routes=[
             Route("/v1/completions", server.completions, methods=["POST"]),
+            Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
             Route("/v1/models", server.models, methods=["GET"]),
             Route("/v1/models/{model:path}", server.model, methods=["GET"]),
             Route("/health", server.health, methods=["GET"]),
@@ -895,9 +1137,11 @@ def serve(
     max_queue: int = 64,
     log_level: str = "info",
     graceful_shutdown_s: float | None = 30,
+    chat_template: ChatTemplate | str | Path | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT (see `uvicorn_server` for the shutdown); returns after SIGTERM."""
-    app = create_app(engine, model_name, api_key, max_queue)
+    """Serve until SIGTERM or SIGINT (see `uvicorn_server` for the shutdown); returns after SIGTERM.
+    `chat_template`: as `create_app` takes it."""
+    app = create_app(engine, model_name, api_key, max_queue, chat_template)
     server = uvicorn_server(app, graceful_shutdown_s, host=host, port=port, log_level=log_level)
     with _sigterm_returns():
         server.run()

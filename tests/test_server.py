@@ -209,6 +209,26 @@ def test_stop_strings_and_greedy(engine, client):
     assert completion.choices[0].finish_reason == "stop"
 
 
+def test_echo_starts_each_choice_with_its_prompt(engine, client):
+    """`echo`: the prompt's text (as sent, or its token ids decoded) before each choice's completion;
+    streamed, as each choice's first chunk."""
+    greedy = dict(temperature=0, top_p=1.0)
+    completion = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0, echo=True)
+    assert completion.choices[0].text == "Hello" + text_of(expected(engine, "Hello", 6, **greedy))
+    assert completion.usage.prompt_tokens == 5 and completion.usage.completion_tokens == 6
+
+    prompts = [ByteTokenizer().encode(text) for text in ("Hi", "ok")]  # token ids are echoed decoded
+    completion = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0, echo=True, n=2)
+    want = [text + text_of(expected(engine, text, 4, **greedy)) for text in ("Hi", "ok")]
+    assert [c.text for c in completion.choices] == [want[0], want[0], want[1], want[1]]
+
+    chunks = list(client.completions.create(model=MODEL, prompt="ok", max_tokens=4, temperature=0, echo=True,
+                                            stream=True))
+    assert chunks[0].choices[0].text == "ok" and chunks[0].choices[0].finish_reason is None
+    assert "".join(c.choices[0].text for c in chunks) == want[1]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_models_health_and_metrics(url, http, client):
     client.completions.create(model=MODEL, prompt="m", max_tokens=2)
     assert [m.id for m in client.models.list().data] == [MODEL]
@@ -267,7 +287,7 @@ BAD = [  # (what, body, status, param)
     ("stream_options without stream", {"stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("include_usage as text", {"stream": True, "stream_options": {"include_usage": "y"}}, 400,
      "stream_options.include_usage"),
-    ("echo", {"echo": True}, 400, "echo"),
+    ("echo with logprobs", {"echo": True, "logprobs": 0}, 400, "echo"),
     ("best_of", {"best_of": 3}, 400, "best_of"),
     ("logit_bias", {"logit_bias": {"70": 5}}, 400, "logit_bias"),
     ("presence_penalty", {"presence_penalty": 1.0}, 400, "presence_penalty"),
@@ -303,7 +323,7 @@ def test_oversized_body_wrong_method_and_unknown_path(http):
     assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
     response = http.get("/v1/completions")
     assert response.status_code == 405 and "error" in response.json()
-    response = http.post("/v1/chat/completions", json={})
+    response = http.post("/v1/embeddings", json={})
     assert response.status_code == 404 and "error" in response.json()
 
 
