@@ -76,9 +76,9 @@ def choose_layout(
             f"--rules {rules}: give --mesh with its axes ({', '.join(loaded.axes)}) for {devices} devices"
         )
     axes = set(parse_mesh(mesh))
-    for name in (recommended, "tensor_parallel", "expert_tensor_parallel"):
-        if set(load_rules(name).axes) == axes:
-            return load_rules(name), parse_mesh(mesh, load_rules(name))
+    for loaded in map(load_rules, (recommended, "tensor_parallel", "expert_tensor_parallel")):
+        if set(loaded.axes) == axes:
+            return loaded, parse_mesh(mesh, loaded)
     raise ShardingError(f"--mesh {mesh!r}: no shipped rules have the axes {', '.join(sorted(axes))}; give --rules")
 
 

@@ -9,8 +9,8 @@ import threading
 import httpx2
 import openai
 import pytest
-from test_server import (
-    AUTH, CONFIG, KEY, MODEL, expected, metrics, paused, requests_counted, running, text_of, wait_for,
+from test_server import (  # noqa: F401 (client and http are fixtures over this module's `url`)
+    AUTH, CONFIG, KEY, MODEL, client, expected, http, metrics, paused, requests_counted, running, text_of, wait_for,
 )
 
 from grok import Grok, cli, weights
@@ -42,17 +42,6 @@ def engine():
 def url(engine):
     with running(create_app(engine, MODEL, api_key=KEY)) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(url):
-    with httpx2.Client(base_url=url, headers=AUTH, timeout=60) as http:
-        yield http
 
 
 def write_template(tmp_path, name="template.json", **fields):
