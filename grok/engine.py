@@ -14,6 +14,7 @@ Context policy: a prompt must leave room for at least one new token in the cache
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import logging
@@ -28,6 +29,7 @@ from jax.sharding import NamedSharding
 
 from grok import model
 from grok.loader import place
+from grok.prefix_cache import DEFAULT_BLOCK_SIZE, Blocks, PrefixCache, block_hashes, bytes_per_block, restore, save
 from grok.sampling import SamplingParams, sample
 
 if TYPE_CHECKING:
@@ -132,15 +134,62 @@ class Stream:
 @dataclasses.dataclass
 class _Slot:
     stream: Stream
-    tokens: list[int]  # generated so far
-    position: int  # cache position of the next token to feed
+    position: int  # tokens in the cache row: the prompt prefilled so far, then prompt + tokens[:-1]
+    tokens: list[int] = dataclasses.field(default_factory=list)  # generated so far (none while prefilling)
     emitted: int = 0  # characters of the decoded text already streamed
+    blocks: list[bytes] = dataclasses.field(default_factory=list)  # names of the row's stored full blocks
+
+    @property
+    def prefilling(self) -> bool:
+        return not self.tokens
+
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values the cache row holds, in order."""
+        return (self.stream.prompt_ids + self.tokens[:-1])[: self.position]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheduling:
+    """How the engine shares its steps between prompts and running streams (see the module doc).
+
+    - `prefill_chunk`: prompt tokens per prefill call, at most (the largest compiled bucket).
+    - `prefill_budget`: prompt tokens prefilled per engine step while other streams decode, so a
+      long newcomer delays each of their tokens by one bounded chunk; None is `prefill_chunk`.
+      With no stream decoding, prompts prefill `prefill_chunk` tokens per step.
+    - `prefix_cache_bytes`: device memory for stored prompt blocks (`grok.prefix_cache`); 0 is off.
+    - `block_size`: tokens per stored block.
+    - `speculate`: tokens proposed by prompt lookup per greedy stream and step (0 is off).
+    - `speculate_max_batch`: speculate only while at most this many streams decode (a verify step
+      costs more than a decode step once the batch is compute-bound).
+    - `lookup_ngram`: the longest run of latest tokens looked up in the stream's earlier tokens.
+    """
+
+    prefill_chunk: int = PREFILL_CHUNK
+    prefill_budget: int | None = None
+    prefix_cache_bytes: int = 0
+    block_size: int = DEFAULT_BLOCK_SIZE
+    speculate: int = 0
+    speculate_max_batch: int = 1
+    lookup_ngram: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_chunk", "block_size", "speculate_max_batch", "lookup_ngram"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_budget is not None and self.prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be >= 1, got {self.prefill_budget}")
+        for name in ("prefix_cache_bytes", "speculate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 class Engine:
     """Continuous batching over `max_batch` slots of `cache_len` positions each."""
 
-    def __init__(self, grok: Grok, max_batch: int = 8, cache_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(
+        self, grok: Grok, max_batch: int = 8, cache_len: int | None = None, prefill_chunk: int | None = None,
+        scheduling: Scheduling = Scheduling(),
+    ):
         config = grok.config
         self.grok = grok
         if max_batch < 1:
@@ -149,28 +198,42 @@ class Engine:
         self.cache_len = config.sequence_len if cache_len is None else cache_len
         if not 1 <= self.cache_len <= config.sequence_len:
             raise ValueError(f"cache_len must be in 1..{config.sequence_len}, got {cache_len}")
-        self.prefill_chunk = min(prefill_chunk, self.cache_len)
+        if prefill_chunk is not None:
+            scheduling = dataclasses.replace(scheduling, prefill_chunk=prefill_chunk)
+        self.scheduling = scheduling
+        self.prefill_chunk = min(scheduling.prefill_chunk, self.cache_len)
+        self.prefill_budget = min(scheduling.prefill_budget or self.prefill_chunk, self.prefill_chunk)
         self.running = False
         self.error: BaseException | None = None  # what stopped the background loop, if it failed
         self._pending: queue.Queue[Stream] = queue.Queue()
         self._wake = threading.Event()  # set by `submit`: the background loop has work
         self._slots: list[_Slot | None] = [None] * max_batch
+        self._admitted: list[int] = []  # slots still prefilling, first admitted first
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # Counts over the engine's life: prompt tokens prefilled and restored from the prefix cache,
+        # decode steps (and how many speculated), tokens proposed and accepted.
+        self.stats: collections.Counter[str] = collections.Counter()
 
         sharder = grok.sharder
+        kv_heads = sharder.cache_heads(config)
 
-        def cache() -> model.Cache:
-            return model.empty_cache(
-                config, max_batch, self.cache_len, grok.scan_layers, sharder.zeros_cache, sharder.cache_heads(config)
-            )
+        def cache(rows: int, length: int) -> model.Cache:
+            return model.empty_cache(config, rows, length, grok.scan_layers, sharder.zeros_cache, kv_heads)
 
         self._memory = model.KVMemory(
-            k=cache(),
-            v=cache(),
+            k=cache(max_batch, self.cache_len),
+            v=cache(max_batch, self.cache_len),
             mask=sharder.put(np.zeros((max_batch, self.cache_len), bool), "tokens"),
             step=sharder.put(np.zeros((max_batch, 1), np.int32), "tokens")[:, 0],
         )
+        self.prefix_cache: PrefixCache | None = None
+        block = scheduling.block_size
+        capacity = scheduling.prefix_cache_bytes // bytes_per_block(config, block, kv_heads, model.cache_dtype())
+        if capacity > 0 and block < self.cache_len:
+            blocks = Blocks(k=cache(capacity, block), v=cache(capacity, block),
+                            mask=sharder.put(np.zeros((capacity, block), bool), "tokens"))
+            self.prefix_cache = PrefixCache(blocks, block)
         self._settings = row_settings(max_batch)
         self._prefill, self._decode = step_functions(grok.apply, sharder.replicated())
 
@@ -219,9 +282,10 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile every program the engine runs by running each once: the prefill of each bucket a
-        prompt chunk can fall in, and the decode step; then no request waits for the compiler.
+        prompt chunk can fall in, the decode step (and the verify step when speculating), and the
+        prefix cache's block copies; then no request waits for the compiler.
         Needs an idle engine (a server calls it before `start()`): it prefills slot 0, whose row the
-        next request there empties, and the decode step advances no row."""
+        next request there empties, and the decode steps advance no row."""
         with self._lock:
             if self.active:
                 raise RuntimeError("warm_up needs an idle engine: a request is in a slot")
@@ -230,7 +294,12 @@ class Engine:
             buckets = {_bucket(n, self.prefill_chunk): n for n in range(1, longest + 1)}  # the longest chunk of each
             outputs = [self._prefill_chunk(0, [token] * n, reset=True) for n in buckets.values()]
             idle = np.zeros(self.max_batch, np.int32)
-            outputs.append(self._decode_rows(np.full((self.max_batch, 1), self.grok.config.pad_token, np.int32), idle))
+            for width in {1, 1 + self.scheduling.speculate}:
+                tokens = np.full((self.max_batch, width), self.grok.config.pad_token, np.int32)
+                outputs.append(self._decode_rows(tokens, idle))
+            if self.prefix_cache is not None:
+                self._restore(0, [])
+                self._save(0, [], [])
             jax.block_until_ready(outputs)
 
     @property
@@ -258,7 +327,7 @@ class Engine:
         with self._lock:
             for i, slot in enumerate(self._slots):
                 if slot is not None:
-                    self._finish(i, "error")
+                    self._finish(i, "error", keep_blocks=False)
             while True:
                 try:
                     stream = self._pending.get_nowait()
@@ -268,15 +337,16 @@ class Engine:
                 stream._put(TokenEvent(-1, "", 0.0, (), "error"))
 
     def step(self) -> bool:
-        """Admit queued requests into free slots, then decode one token for every active slot.
-
-        Returns whether there was anything to do.
-        """
+        """One engine step: admit queued requests into free slots, advance prompts by a bounded
+        amount of prefill, then decode one token (or, speculating, several) for every stream past
+        its prompt. Returns whether there was anything to do."""
         with self._lock:
             self._drop_cancelled()
             admitted = self._admit()
-            if self.active == 0:
-                return admitted
+            decoding = any(slot is not None and not slot.prefilling for slot in self._slots)
+            prefilled = self._prefill_some(self.prefill_budget if decoding else self.prefill_chunk)
+            if not any(slot is not None and not slot.prefilling for slot in self._slots):
+                return admitted or prefilled
             self._decode_step()
             return True
 
@@ -286,6 +356,7 @@ class Engine:
                 self._finish(i, "cancelled")
 
     def _admit(self) -> bool:
+        """Give queued requests the free slots, restoring what the prefix cache holds of each prompt."""
         admitted = False
         for i in range(self.max_batch):
             if self._slots[i] is not None:
@@ -297,20 +368,41 @@ class Engine:
             if stream.cancelled:
                 stream._put(TokenEvent(-1, "", 0.0, (), "cancelled"))
                 continue
-            self._start(i, stream)
+            sampling = stream.request.sampling
+            for name in self._settings:
+                self._settings[name][i] = getattr(sampling, name)
+            slot = self._slots[i] = _Slot(stream=stream, position=0)
+            if self.prefix_cache is not None:
+                ids = stream.prompt_ids
+                usable = (len(ids) - 1) // self.prefix_cache.block_size  # at least one token left to prefill
+                names = block_hashes(ids[: usable * self.prefix_cache.block_size], self.prefix_cache.block_size)
+                rows = self.prefix_cache.match(names)
+                self._restore(i, rows)
+                slot.position, slot.blocks = len(rows) * self.prefix_cache.block_size, names[: len(rows)]
+                self.stats["prefix_hit_tokens"] += slot.position
+            self._admitted.append(i)
             admitted = True
         return admitted
 
-    def _start(self, i: int, stream: Stream) -> None:
-        """Prefill a request's prompt into slot i (in chunks) and emit its first token."""
-        sampling = stream.request.sampling
-        for name in self._settings:
-            self._settings[name][i] = getattr(sampling, name)
-        ids = stream.prompt_ids
-        for start in range(0, len(ids), self.prefill_chunk):
-            out = self._prefill_chunk(i, ids[start : start + self.prefill_chunk], reset=start == 0)
-        self._slots[i] = _Slot(stream=stream, tokens=[], position=len(ids))
-        self._emit(i, *(np.asarray(x)[0] for x in out))
+    def _prefill_some(self, budget: int) -> bool:
+        """Prefill up to `budget` prompt tokens, oldest admission first, in chunks of at most
+        `prefill_chunk`; a prompt that completes emits its first token."""
+        done = False
+        while budget > 0 and self._admitted:
+            i = self._admitted[0]
+            slot = self._slots[i]
+            ids = slot.stream.prompt_ids
+            chunk = ids[slot.position : slot.position + min(budget, self.prefill_chunk)]
+            out = self._prefill_chunk(i, chunk, reset=slot.position == 0)
+            slot.position += len(chunk)
+            budget -= len(chunk)
+            self.stats["prefill_tokens"] += len(chunk)
+            done = True
+            if slot.position == len(ids):
+                self._admitted.pop(0)
+                self._store_blocks(slot)
+                self._emit(i, *(np.asarray(x)[0] for x in out))
+        return done
 
     def _prefill_chunk(self, i: int, chunk: Sequence[int], reset: bool) -> tuple:
         """Run one prompt chunk (padded to its bucket) into slot i's cache row; returns the
@@ -324,23 +416,45 @@ class Engine:
         return out
 
     def _decode_step(self) -> None:
-        tokens = np.full((self.max_batch, 1), self.grok.config.pad_token, np.int32)
-        active = np.zeros(self.max_batch, np.int32)
-        for i, slot in enumerate(self._slots):
-            if slot is not None:
-                tokens[i, 0] = slot.tokens[-1]
-                active[i] = 1
-        out = [np.asarray(x) for x in self._decode_rows(tokens, active)]
-        for i, slot in enumerate(self._slots):
-            if slot is not None:
-                slot.position += 1
-                self._emit(i, *(x[i] for x in out))
+        """Feed every decoding stream its latest token, with the tokens prompt lookup proposes to
+        follow it when speculating, and emit what the model chose after each accepted one."""
+        rows = [i for i, slot in enumerate(self._slots) if slot is not None and not slot.prefilling]
+        proposals = {i: self._propose(self._slots[i]) for i in rows} if len(rows) <= self.scheduling.speculate_max_batch else {}
+        width = 1 + self.scheduling.speculate if any(proposals.values()) else 1
+        tokens = np.full((self.max_batch, width), self.grok.config.pad_token, np.int32)
+        lengths = np.zeros(self.max_batch, np.int32)
+        for i in rows:
+            fed = [self._slots[i].tokens[-1], *proposals.get(i, [])][:width]
+            tokens[i, : len(fed)] = fed
+            lengths[i] = len(fed)
+        chosen, logprob, top_ids, top_logprobs, accepted = (np.asarray(x) for x in self._decode_rows(tokens, lengths))
+        self.stats["decode_steps"] += 1
+        if width > 1:
+            self.stats["speculative_steps"] += 1
+            self.stats["proposed"] += int(lengths.sum()) - len(rows)
+            self.stats["accepted"] += int(accepted.sum())
+        for i in rows:
+            for j in range(int(accepted[i]) + 1):
+                self._slots[i].position += 1
+                self._emit(i, chosen[i, j], logprob[i, j], top_ids[i, j], top_logprobs[i, j])
+                if self._slots[i] is None:  # finished: the rest of its accepted tokens are dropped
+                    break
 
-    def _decode_rows(self, tokens: np.ndarray, active: np.ndarray) -> tuple:
-        """Run the decode step: tokens [max_batch, 1] in, the rows with `active` 1 advance."""
+    def _propose(self, slot: _Slot) -> list[int]:
+        """Prompt lookup: the tokens that followed the latest earlier occurrence of the stream's last
+        few tokens (longest match first), for greedy streams with room left to use them."""
+        request = slot.stream.request
+        room = min(request.max_tokens - len(slot.tokens), self.cache_len - 1 - slot.position) - 1
+        if self.scheduling.speculate == 0 or request.sampling.temperature != 0 or room < 1:
+            return []
+        return prompt_lookup(slot.stream.prompt_ids + slot.tokens, self.scheduling.lookup_ngram,
+                             min(self.scheduling.speculate, room))
+
+    def _decode_rows(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple:
+        """Run the decode step: tokens [max_batch, T] in, row b feeding its first `lengths[b]`."""
         settings = {k: self._replicated(v) for k, v in self._settings.items()}
         out, self._memory = self._decode(
-            self.grok.params, self._memory, self.grok.sharder.put(tokens, "tokens"), self._replicated(active), settings
+            self.grok.params, self._memory, self.grok.sharder.put(tokens, "tokens"), self._replicated(lengths), settings
         )
         return out
 
@@ -363,8 +477,7 @@ class Engine:
             finish = "stop"
         slot.stream._put(TokenEvent(token, text, float(logprob), top, finish))
         if finish is not None:
-            self._slots[i] = None
-            slot.stream.done = True
+            self._release(i)
 
     def _new_text(self, slot: _Slot, final: bool) -> tuple[str, bool]:
         """Text that became final with the newest token, and whether a stop string was reached."""
@@ -386,17 +499,70 @@ class Engine:
         slot.emitted = max(end, slot.emitted)
         return new, stopped
 
-    def _finish(self, i: int, reason: str) -> None:
+    def _finish(self, i: int, reason: str, keep_blocks: bool = True) -> None:
+        stream = self._slots[i].stream
+        self._release(i, keep_blocks)
+        stream._put(TokenEvent(-1, "", 0.0, (), reason))
+
+    def _release(self, i: int, keep_blocks: bool = True) -> None:
+        """Free slot i, first storing its row's full blocks in the prefix cache (generated tokens
+        included, so a conversation's next turn finds them)."""
         slot = self._slots[i]
+        if keep_blocks:
+            self._store_blocks(slot)
         self._slots[i] = None
+        if i in self._admitted:
+            self._admitted.remove(i)
         slot.stream.done = True
-        slot.stream._put(TokenEvent(-1, "", 0.0, (), reason))
+
+    # ------------------------------------------------------------------ prefix cache
+
+    def _store_blocks(self, slot: _Slot) -> None:
+        """Copy the slot's full blocks that the prefix cache does not hold yet into it."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        slot.blocks = block_hashes(slot.cached_tokens(), cache.block_size, slot.blocks)
+        placed = cache.allocate(slot.blocks, keep=set(slot.blocks))
+        if placed:
+            self._save(self._slots.index(slot), *zip(*placed))
+
+    def _restore(self, i: int, rows: Sequence[int]) -> None:
+        self._memory = restore(self.prefix_cache.block_size, self._memory, self.prefix_cache.blocks,
+                               self._replicated(np.int32(i)), self._block_list(rows), self._replicated(np.int32(len(rows))))
+
+    def _save(self, i: int, indices: Sequence[int], rows: Sequence[int]) -> None:
+        cache = self.prefix_cache
+        cache.blocks = save(cache.block_size, cache.blocks, self._memory, self._replicated(np.int32(i)),
+                            self._block_list(indices), self._block_list(rows), self._replicated(np.int32(len(rows))))
+
+    def _block_list(self, values: Sequence[int]) -> jax.Array:
+        """Block indices padded to one length (a row's block count), so one program serves all."""
+        padded = np.zeros(self.cache_len // self.prefix_cache.block_size, np.int32)
+        padded[: len(values)] = values
+        return self._replicated(padded)
 
     def _replicated(self, x) -> jax.Array:
         return place(np.asarray(x), self.grok.sharder.replicated())
 
     def _row_settings(self, i: int) -> dict[str, jax.Array]:
         return {k: self._replicated(v[i : i + 1]) for k, v in self._settings.items()}
+
+
+def prompt_lookup(history: Sequence[int], ngram: int, count: int) -> list[int]:
+    """`count` tokens proposed to follow `history`: those that followed the latest earlier
+    occurrence of its last n tokens, for the largest n <= `ngram` that occurs earlier ([] if none
+    does). Where that continuation reaches the end of `history`, it goes on as the repeat it then
+    is: the tokens from the occurrence on, again."""
+    seq = np.asarray(history, np.int64)
+    for n in range(min(ngram, len(seq) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # every earlier run of n tokens
+        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            period = len(seq) - start
+            return [int(seq[start + j % period]) for j in range(count)]
+    return []
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -436,10 +602,11 @@ def row_settings(rows: int) -> dict[str, np.ndarray]:
     }
 
 
+@functools.cache  # engines of one model share their compiled programs
 def step_functions(apply: Callable, replicated: NamedSharding) -> tuple[Callable, Callable]:
     """The engine's two jitted programs, the cache donated and sampled outputs replicated:
     `prefill(params, memory, slot, tokens [1, T], length, reset, settings of the row)` and
-    `decode(params, memory, tokens [B, 1], active [B], settings)` (also compiled by `grok.plan`)."""
+    `decode(params, memory, tokens [B, T], lengths [B], settings)` (also compiled by `grok.plan`)."""
     jit = functools.partial(jax.jit, out_shardings=(replicated, None), donate_argnums=1)
     return jit(functools.partial(_prefill_slot, apply)), jit(functools.partial(_decode_all, apply))
 
@@ -467,7 +634,20 @@ def _prefill_slot(apply, params, memory, slot, tokens, length, reset, settings):
     return _choose(last, new.step, settings), memory
 
 
-def _decode_all(apply, params, memory, tokens, active, settings):
-    """One token for every slot; inactive slots do not advance."""
-    out = apply(params, tokens, memory, active)
-    return _choose(out.logits[:, -1], out.memory.step, settings), out.memory
+def _decode_all(apply, params, memory, tokens, lengths, settings):
+    """Every decoding row feeds its first `lengths[b]` tokens (rows of length 0 do not advance):
+    its latest token, then any tokens proposed to follow it. Returns, for each fed position, the
+    token chosen after it (with its log-probability and top alternatives) and, per row, how many
+    proposals were accepted: the leading ones that equal the greedy choice before them (sampled
+    rows are given none). The row's step advances past the latest token and its accepted
+    proposals; positions past that are left to be overwritten."""
+    b, t = tokens.shape
+    out = apply(params, tokens, memory, lengths)
+    positions = memory.step[:, None] + 1 + jnp.arange(t)[None, :]  # as if each were fed alone
+    per_position = {k: jnp.repeat(v, t) for k, v in settings.items()}
+    chosen = _choose(out.logits.reshape(b * t, -1), positions.reshape(-1), per_position)
+    chosen = tuple(x.reshape(b, t, *x.shape[1:]) for x in chosen)
+    matches = (tokens[:, 1:] == chosen[0][:, :-1]) & (jnp.arange(1, t)[None, :] < lengths[:, None])
+    accepted = jnp.where(settings["temperature"] == 0, jnp.cumprod(matches, axis=1).sum(axis=1), 0)
+    step = memory.step + jnp.where(lengths > 0, 1 + accepted, 0)
+    return (*chosen, accepted), out.memory._replace(step=step)

@@ -199,8 +199,10 @@ class MultiHeadAttention(hk.Module):
 
 
 def _write_at(x: Array, update: Array, step: Int[Array, "b"]) -> Array:
-    """Write `update` [b, t, ...] into `x` [b, s, ...] at row b's offset step[b]."""
-    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(x, update, step)
+    """Write `update` [b, t, ...] into `x` [b, s, ...] at row b's offset step[b]; positions past
+    the end are dropped (a dynamic_update_slice would shift the whole update back instead)."""
+    b, t = update.shape[:2]
+    return x.at[jnp.arange(b)[:, None], step[:, None] + jnp.arange(t)[None, :]].set(update, mode="drop")
 
 
 def _write_layer(cache: Cache, update: Float[Array, "b t kv d"], layer: int | Int[Array, ""], step: Int[Array, "b"]) -> Cache:
