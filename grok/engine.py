@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from grok import model
 from grok.loader import place
 from grok.prefix_cache import DEFAULT_BLOCK_SIZE, Blocks, PrefixCache, block_hashes, bytes_per_block, restore, save
-from grok.sampling import SamplingParams, sample
+from grok.sampling import SamplingParams, choose
 
 if TYPE_CHECKING:
     from grok.api import Grok
@@ -582,14 +582,12 @@ def _bucket(n: int, limit: int) -> int:
     return min(max(16, 1 << (n - 1).bit_length()), limit)
 
 
-def _choose(logits, positions, settings):
-    """Sample each row's token; also its log-probability and the top alternatives (pre-temperature)."""
+def _choose(logits, positions, settings, active=True):
+    """Choose each row's token (`grok.sampling.choose`: rows not `active` cost an argmax); also its
+    log-probability and the top alternatives (pre-temperature). Row r samples with a key made of
+    its seed and `positions[r]`, so its choice does not depend on the batch."""
     keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(settings["seed"], positions)
-    tokens = sample(logits, keys, settings["temperature"], settings["top_p"], settings["top_k"])
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen, top_ids, top_logprobs
+    return choose(logits, keys, settings["temperature"], settings["top_p"], settings["top_k"], active, MAX_TOP_LOGPROBS)
 
 
 def row_settings(rows: int) -> dict[str, np.ndarray]:
@@ -645,7 +643,8 @@ def _decode_all(apply, params, memory, tokens, lengths, settings):
     out = apply(params, tokens, memory, lengths)
     positions = memory.step[:, None] + 1 + jnp.arange(t)[None, :]  # as if each were fed alone
     per_position = {k: jnp.repeat(v, t) for k, v in settings.items()}
-    chosen = _choose(out.logits.reshape(b * t, -1), positions.reshape(-1), per_position)
+    fed = (jnp.arange(t)[None, :] < lengths[:, None]).reshape(-1)
+    chosen = _choose(out.logits.reshape(b * t, -1), positions.reshape(-1), per_position, fed)
     chosen = tuple(x.reshape(b, t, *x.shape[1:]) for x in chosen)
     matches = (tokens[:, 1:] == chosen[0][:, :-1]) & (jnp.arange(1, t)[None, :] < lengths[:, None])
     accepted = jnp.where(settings["temperature"] == 0, jnp.cumprod(matches, axis=1).sum(axis=1), 0)

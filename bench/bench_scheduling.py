@@ -1,0 +1,217 @@
+"""The engine's scheduling features on a ~1.1 GB Grok-shaped random model, in one process and one
+run: prefix caching (time to first token), prefill beside running streams (inter-token latency
+while a long prompt is admitted) and prompt-lookup speculative decoding (tokens/s at batch 1).
+
+The model is bench/bench_engine.py's default (D=2048, 2 layers, 8 experts of ffn 10928, 16/4
+heads x 128, vocab 8192) with random 8-bit weights, in the CPU weight format (the default on one
+CPU device), with a longer context. Every number is driven through `grok.engine.Engine`.
+
+1. prefix: a prompt of `--prefix` shared tokens and 64 of its own, then a second such prompt with
+   other 64 tokens; TTFT of each, with the prefix cache on (the second restores the prefix) and
+   off. Target: second / first <= 0.25.
+2. stall: 8 streams decode; then a `--long`-token prompt arrives. The streams' inter-token
+   latency (ITL) p50/p99/max while it is prefilled, against their median ITL just before it
+   came, for several prefill budgets ("whole" prefills the whole prompt before the next decode
+   step: what the engine did before budgets). Target: p99 <= 3x the median before.
+3. speculate: one greedy stream, `--new` tokens, with prompt lookup off and on. The random model
+   has two regimes, each measured: at its stock embedding scale its greedy output is one token
+   repeated (every proposal right: a copied span), and at a small scale (0.05) it is varied text
+   without repeats (few proposals, mostly wrong). Targets: >= 1.5x on copies, >= 0.95x without.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_scheduling.py                 # all three, ~10 min
+    PYTHONPATH=. .venv/bin/python bench/bench_scheduling.py --sections stall --budgets whole 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import bench_engine  # noqa: E402
+
+SECTIONS = ("prefix", "stall", "speculate")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--prefix", type=int, default=1536, help="shared prompt tokens (prefix section)")
+    p.add_argument("--long", type=int, default=4096, help="the newcomer's prompt tokens (stall section)")
+    p.add_argument("--streams", type=int, default=8, help="streams decoding when it comes (stall section)")
+    p.add_argument("--budgets", nargs="+", default=["whole", "512", "256", "128", "64"],
+                   help="prefill budgets (tokens per step while streams decode) for the stall section")
+    p.add_argument("--new", type=int, default=96, help="tokens generated (speculate section)")
+    p.add_argument("--speculate", type=int, nargs="+", default=[2, 4, 8], help="tokens proposed per step")
+    p.add_argument("--json", type=Path, help="also write every number to this file")
+    return p.parse_args(argv)
+
+
+def load(scale: float | None, cache_len: int):
+    from grok import Grok
+
+    config = bench_engine.make_config(bench_engine.parse_args(["--cache-len", str(cache_len)]))
+    if scale is not None:
+        config = config.replace(embedding_multiplier_scale=scale)
+    start = time.perf_counter()
+    grok = Grok(config, bench_engine.random_weights(config), None, cpu_format=True)
+    print(f"model: D={config.emb_size}, {config.num_layers} layers, {config.num_experts} experts, "
+          f"vocab {config.vocab_size}, embedding scale {config.embedding_multiplier_scale:.3g} "
+          f"(loaded in {time.perf_counter() - start:.0f} s)", flush=True)
+    return grok
+
+
+def engine(grok, max_batch: int, cache_len: int, **scheduling):
+    from grok.engine import Engine, Scheduling
+
+    e = Engine(grok, max_batch=max_batch, cache_len=cache_len, scheduling=Scheduling(**scheduling))
+    e.warm_up()
+    return e
+
+
+def prompt(rng, n: int, vocab: int) -> list[int]:
+    return rng.integers(3, vocab, n).tolist()
+
+
+def first_token_s(e, request) -> float:
+    """Time from submit to the first token; the rest of the request then runs to its end."""
+    start = time.perf_counter()
+    stream = e.submit(request)
+    events = iter(stream)
+    next(events)
+    ttft = time.perf_counter() - start
+    for _ in events:
+        pass
+    return ttft
+
+
+def bench_prefix(grok, args, rng) -> dict:
+    from grok.engine import Request
+    from grok.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0)
+    vocab = grok.config.vocab_size
+    shared = prompt(rng, args.prefix, vocab)
+    first, second = shared + prompt(rng, 64, vocab), shared + prompt(rng, 64, vocab)
+    out = {}
+    for name, budget in (("off", 0), ("on", 256 << 20)):
+        e = engine(grok, 1, args.prefix + 256, prefix_cache_bytes=budget)
+        ttft = [first_token_s(e, Request(p, 2, greedy)) for p in (first, second)]
+        out[name] = {"first_s": ttft[0], "second_s": ttft[1], "ratio": ttft[1] / ttft[0],
+                     "hit_tokens": e.stats["prefix_hit_tokens"]}
+        print(f"prefix cache {name:3}: TTFT first {ttft[0] * 1e3:7.0f} ms, second {ttft[1] * 1e3:7.0f} ms, "
+              f"second/first {ttft[1] / ttft[0]:.3f} ({e.stats['prefix_hit_tokens']} tokens restored)", flush=True)
+        del e
+    return out
+
+
+def bench_stall(grok, args, rng) -> dict:
+    from grok.engine import Request
+    from grok.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0)
+    vocab, cache_len = grok.config.vocab_size, args.long + 256
+    out = {}
+    for budget in args.budgets:
+        e = engine(grok, args.streams + 1, cache_len, prefill_budget=args.long if budget == "whole" else int(budget))
+        e.start()
+        times = [[] for _ in range(args.streams)]
+        streams = [e.submit(Request(prompt(rng, 32, vocab), cache_len, greedy)) for _ in range(args.streams)]
+
+        def consume(stream, seen):
+            for event in stream:
+                seen.append(time.perf_counter())
+
+        threads = [threading.Thread(target=consume, args=(s, t)) for s, t in zip(streams, times)]
+        for t in threads:
+            t.start()
+        while min(len(t) for t in times) < 4:
+            time.sleep(0.01)
+        before_start = time.perf_counter()
+        while min(len(t) for t in times) < 24:
+            time.sleep(0.01)
+        arrival = time.perf_counter()
+        ttft = first_token_s(e, Request(prompt(rng, args.long, vocab), 1, greedy))
+        done = time.perf_counter()
+        for s in streams:
+            s.cancel()
+        for t in threads:
+            t.join()
+        e.stop()
+
+        def gaps(lo, hi):
+            return [b - a for t in times for a, b in zip(t, t[1:]) if lo <= a and b <= hi]
+
+        quiet, during = gaps(before_start, arrival), gaps(arrival, done) + [
+            min((x for x in t if x > arrival), default=done) - max((x for x in t if x <= arrival), default=arrival)
+            for t in times
+        ]
+        median = float(np.median(quiet))
+        p50, p99, worst = (float(np.percentile(during, q)) for q in (50, 99, 100))
+        out[budget] = {"median_before_s": median, "p50_s": p50, "p99_s": p99, "max_s": worst,
+                       "p99_ratio": p99 / median, "newcomer_ttft_s": ttft}
+        print(f"budget {budget:>5}: ITL before {median * 1e3:6.0f} ms; while prefilling p50 {p50 * 1e3:6.0f} "
+              f"p99 {p99 * 1e3:6.0f} max {worst * 1e3:6.0f} ms; p99/median {p99 / median:5.2f}; "
+              f"newcomer TTFT {ttft:5.1f} s", flush=True)
+        del e
+        gc.collect()
+    return out
+
+
+def bench_speculate(grok, args, rng, workload: str) -> dict:
+    from grok.engine import Request
+    from grok.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0)
+    text = prompt(rng, 64, grok.config.vocab_size)
+    out = {}
+    for n in [0, *args.speculate]:
+        e = engine(grok, 1, 1024, speculate=n)
+        first_token_s(e, Request(text, 4, greedy))  # once untimed
+        start = time.perf_counter()
+        result = e.generate([Request(text, args.new, greedy)])[0]
+        seconds = time.perf_counter() - start
+        rate = len(result.token_ids) / seconds
+        out[n] = {"tokens_s": rate, "tokens": result.token_ids, "proposed": e.stats["proposed"],
+                  "accepted": e.stats["accepted"], "steps": e.stats["decode_steps"]}
+        base = out[0]["tokens_s"]
+        assert result.token_ids == out[0]["tokens"], "speculation changed the greedy output"
+        print(f"{workload:>8}, speculate {n}: {rate:6.2f} tokens/s ({rate / base:4.2f}x), "
+              f"{e.stats['decode_steps']} steps, {e.stats['accepted']}/{e.stats['proposed']} proposals accepted",
+              flush=True)
+        del e
+    for n in out:
+        del out[n]["tokens"]
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rng = np.random.default_rng(0)
+    results = {}
+    grok = load(None, args.long + 256)
+    if "prefix" in args.sections:
+        results["prefix"] = bench_prefix(grok, args, rng)
+    if "stall" in args.sections:
+        results["stall"] = bench_stall(grok, args, rng)
+    if "speculate" in args.sections:
+        results["speculate_copies"] = bench_speculate(grok, args, rng, "copies")
+        del grok
+        gc.collect()
+        grok = load(0.05, 1024)
+        results["speculate_fresh"] = bench_speculate(grok, args, rng, "fresh")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
