@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefix", type=int, default=1536, help="shared prompt tokens (prefix section)")
     p.add_argument("--long", type=int, default=4096, help="the newcomer's prompt tokens (stall section)")
     p.add_argument("--streams", type=int, default=8, help="streams decoding when it comes (stall section)")
-    p.add_argument("--budgets", nargs="+", default=["whole", "512", "256", "128", "64"],
+    p.add_argument("--budgets", nargs="+", default=["whole", "512", "128", "64", "32"],
                    help="prefill budgets (tokens per step while streams decode) for the stall section")
     p.add_argument("--new", type=int, default=96, help="tokens generated (speculate section)")
     p.add_argument("--speculate", type=int, nargs="+", default=[2, 4, 8], help="tokens proposed per step")
@@ -95,7 +95,11 @@ def first_token_s(e, request) -> float:
 
 
 def bench_prefix(grok, args, rng) -> dict:
+    import jax
+
+    from grok import model
     from grok.engine import Request
+    from grok.prefix_cache import block_hashes, bytes_per_block
     from grok.sampling import SamplingParams
 
     greedy = SamplingParams(temperature=0)
@@ -110,6 +114,19 @@ def bench_prefix(grok, args, rng) -> dict:
                      "hit_tokens": e.stats["prefix_hit_tokens"]}
         print(f"prefix cache {name:3}: TTFT first {ttft[0] * 1e3:7.0f} ms, second {ttft[1] * 1e3:7.0f} ms, "
               f"second/first {ttft[1] / ttft[0]:.3f} ({e.stats['prefix_hit_tokens']} tokens restored)", flush=True)
+        if e.prefix_cache is not None:  # the copy alone: what a block table would save
+            rows = e.prefix_cache.match(block_hashes(shared, e.prefix_cache.block_size))
+            e._restore(0, rows)
+            jax.block_until_ready(e._memory)
+            start = time.perf_counter()
+            e._restore(0, rows)
+            jax.block_until_ready(e._memory)
+            copy_s = time.perf_counter() - start
+            nbytes = len(rows) * bytes_per_block(grok.config, e.prefix_cache.block_size, grok.config.num_kv_heads,
+                                                 model.cache_dtype())
+            out[name].update(copy_s=copy_s, copy_bytes=nbytes)
+            print(f"  copying the {len(rows)} blocks into a slot alone: {copy_s * 1e3:.1f} ms for "
+                  f"{nbytes / 1e6:.1f} MB ({copy_s / ttft[0]:.2%} of the first TTFT)", flush=True)
         del e
     return out
 
@@ -142,19 +159,16 @@ def bench_stall(grok, args, rng) -> dict:
         arrival = time.perf_counter()
         ttft = first_token_s(e, Request(prompt(rng, args.long, vocab), 1, greedy))
         done = time.perf_counter()
+        while min(t[-1] for t in times) <= done:  # every stream's first token after the prefill
+            time.sleep(0.01)
         for s in streams:
             s.cancel()
         for t in threads:
             t.join()
         e.stop()
-
-        def gaps(lo, hi):
-            return [b - a for t in times for a, b in zip(t, t[1:]) if lo <= a and b <= hi]
-
-        quiet, during = gaps(before_start, arrival), gaps(arrival, done) + [
-            min((x for x in t if x > arrival), default=done) - max((x for x in t if x <= arrival), default=arrival)
-            for t in times
-        ]
+        # Before: gaps inside the quiet window. During: every gap that overlaps the prefill.
+        quiet = [b - a for t in times for a, b in zip(t, t[1:]) if before_start <= a and b <= arrival]
+        during = [b - a for t in times for a, b in zip(t, t[1:]) if b > arrival and a < done]
         median = float(np.median(quiet))
         p50, p99, worst = (float(np.percentile(during, q)) for q in (50, 99, 100))
         out[budget] = {"median_before_s": median, "p50_s": p50, "p99_s": p99, "max_s": worst,

@@ -18,13 +18,19 @@ from grok import distributed
 from grok.api import Grok, SamplingParams
 from grok.checkpoint import CheckpointError, find_checkpoint_dir
 from grok.config import GrokConfig, load_config
-from grok.engine import Engine
+from grok.model import cache_dtype, cache_shape
+from grok.engine import Engine, Scheduling
 from grok.demo import DEMO_CONFIG, write_demo_checkpoint
 from grok.plan import choose_layout, make_plan
 from grok.sharding import Sharder, load_rules, make_mesh, mesh_of, mesh_text, parse_mesh
 from grok.tokenizer import BYTE_TOKENIZER, ByteTokenizer
 
 log = logging.getLogger("grok")
+
+# serve's scheduling defaults (measured: see the README's "Serving")
+DEFAULT_PREFIX_CACHE_SHARE = 0.25
+DEFAULT_SPECULATE = 4
+DEFAULT_SPECULATE_MAX_BATCH = 1
 
 DEFAULT_CHECKPOINT = Path("checkpoints/ckpt-0")
 DEFAULT_TOKENIZER = Path("checkpoints/tokenizer.model")
@@ -69,6 +75,11 @@ def _ranged(
 
 
 POSITIVE = _ranged(int, 1)  # counts and sizes
+
+
+def _budget(text: str) -> int | None:
+    """--prefill-budget: `auto` (None) or a token count."""
+    return None if text == "auto" else _ranged(int, 1)(text)
 SEED = _ranged(int, 0, 2**32 - 1)  # the engine holds seeds as uint32
 
 
@@ -129,6 +140,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--max-queue", type=POSITIVE, default=64, help="waiting requests before answering 429 (default: 64)"
+    )
+    sched = srv.add_argument_group("scheduling (see the README's \"Serving\")")
+    sched.add_argument(
+        "--prefill-budget", type=_budget, default=None, metavar="TOKENS|auto",
+        help="prompt tokens prefilled per engine step while other streams decode, so a long prompt delays "
+        "their tokens by one bounded chunk at a time; auto (the default) takes the largest chunk that "
+        "runs no longer than a decode step, as measured while serving",
+    )
+    sched.add_argument(
+        "--prefix-cache-mb", type=_ranged(float, 0), metavar="MB",
+        help="device memory for cached prompt blocks, reused by prompts that start the same way; 0 turns "
+        f"the prefix cache off (default: {DEFAULT_PREFIX_CACHE_SHARE:.0%} of the KV cache's memory)",
+    )
+    sched.add_argument(
+        "--speculate", type=_ranged(int, 0), default=DEFAULT_SPECULATE, metavar="N",
+        help="tokens proposed per greedy stream and step by prompt lookup and verified in one step; 0 is off "
+        f"(default: {DEFAULT_SPECULATE})",
+    )
+    sched.add_argument(
+        "--speculate-max-batch", type=POSITIVE, default=DEFAULT_SPECULATE_MAX_BATCH, metavar="N",
+        help=f"speculate only while at most N streams decode (default: {DEFAULT_SPECULATE_MAX_BATCH})",
     )
     srv.add_argument(
         "--chat-template", metavar="FILE", help="JSON file that turns /v1/chat/completions messages into a prompt "
@@ -397,12 +429,26 @@ def serve(args: argparse.Namespace) -> int:
     chat_template = server.ChatTemplate.load(args.chat_template)  # a bad file: "FILE: what is wrong", at once
     _cache_len(args.cache_len, _checkpoint_and_config(args)[1])  # before the slow part
     model = _load_model(args)
-    engine = Engine(model, max_batch=args.max_batch, cache_len=args.cache_len)
+    engine = Engine(model, max_batch=args.max_batch, cache_len=args.cache_len, scheduling=_scheduling(args, model))
+    if engine.prefix_cache is not None:
+        log.info("prefix cache: %d blocks of %d tokens (%.0f MB)", engine.prefix_cache.capacity,
+                 engine.prefix_cache.block_size, engine.scheduling.prefix_cache_bytes / 1e6)
     log.info("serving %s on http://%s:%d (API key %s)", args.model_name, args.host, args.port,
              "required" if api_key else "not required")
     server.serve(engine, args.host, args.port, args.model_name, api_key, args.max_queue,
                  chat_template=chat_template)
     return 0
+
+
+def _scheduling(args: argparse.Namespace, grok: Grok) -> Scheduling:
+    """serve's scheduling flags; the prefix cache's default memory is a share of the KV cache's."""
+    megabytes = args.prefix_cache_mb
+    if megabytes is None:
+        config = grok.config
+        shape = cache_shape(config, args.max_batch, args.cache_len or config.sequence_len, grok.sharder.cache_heads(config))
+        megabytes = DEFAULT_PREFIX_CACHE_SHARE * 2 * math.prod(shape) * jax.numpy.dtype(cache_dtype()).itemsize / 1e6
+    return Scheduling(prefill_budget=args.prefill_budget, prefix_cache_bytes=int(megabytes * 1e6),
+                      speculate=args.speculate, speculate_max_batch=args.speculate_max_batch)
 
 
 def plan(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import jax
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 8  # alternatives reported per token, at most (the reference reports 8)
 PREFILL_CHUNK = 512  # prompt tokens prefilled per call, at most (the largest bucket)
+MAX_REST = 16  # decode steps a stream whose proposals keep failing waits before proposing again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +140,20 @@ class _Slot:
     tokens: list[int] = dataclasses.field(default_factory=list)  # generated so far (none while prefilling)
     emitted: int = 0  # characters of the decoded text already streamed
     blocks: list[bytes] = dataclasses.field(default_factory=list)  # names of the row's stored full blocks
+    rest: int = 0  # decode steps to go before proposing again, after proposals that all failed
+    backoff: int = 1  # the next such rest
 
     @property
     def prefilling(self) -> bool:
         return not self.tokens
+
+    def note_proposals(self, accepted: int) -> None:
+        """After a verify step: proposals that all failed earn a rest from proposing, doubling (up
+        to MAX_REST steps) while they keep failing, so text without repeats costs little."""
+        if accepted:
+            self.backoff = 1
+        else:
+            self.rest, self.backoff = self.backoff, min(2 * self.backoff, MAX_REST)
 
     def cached_tokens(self) -> list[int]:
         """The tokens whose keys and values the cache row holds, in order."""
@@ -154,8 +166,10 @@ class Scheduling:
 
     - `prefill_chunk`: prompt tokens per prefill call, at most (the largest compiled bucket).
     - `prefill_budget`: prompt tokens prefilled per engine step while other streams decode, so a
-      long newcomer delays each of their tokens by one bounded chunk; None is `prefill_chunk`.
-      With no stream decoding, prompts prefill `prefill_chunk` tokens per step.
+      long newcomer delays each of their tokens by one bounded chunk. None is automatic: the
+      largest bucket whose measured prefill time is at most the measured decode step's, so a
+      newcomer at most doubles the running streams' inter-token latency on any hardware. With
+      no stream decoding, prompts prefill `prefill_chunk` tokens per step.
     - `prefix_cache_bytes`: device memory for stored prompt blocks (`grok.prefix_cache`); 0 is off.
     - `block_size`: tokens per stored block.
     - `speculate`: tokens proposed by prompt lookup per greedy stream and step (0 is off).
@@ -202,7 +216,9 @@ class Engine:
             scheduling = dataclasses.replace(scheduling, prefill_chunk=prefill_chunk)
         self.scheduling = scheduling
         self.prefill_chunk = min(scheduling.prefill_chunk, self.cache_len)
-        self.prefill_budget = min(scheduling.prefill_budget or self.prefill_chunk, self.prefill_chunk)
+        self._buckets = sorted({_bucket(1 << k, self.prefill_chunk) for k in range(self.prefill_chunk.bit_length() + 1)})
+        self._seconds: dict[str, float] = {}  # running means of the decode step's and each bucket's time
+        self._ran: set[str] = set()  # programs timed once (their first run may have compiled)
         self.running = False
         self.error: BaseException | None = None  # what stopped the background loop, if it failed
         self._pending: queue.Queue[Stream] = queue.Queue()
@@ -344,7 +360,7 @@ class Engine:
             self._drop_cancelled()
             admitted = self._admit()
             decoding = any(slot is not None and not slot.prefilling for slot in self._slots)
-            prefilled = self._prefill_some(self.prefill_budget if decoding else self.prefill_chunk)
+            prefilled = self._prefill_some(self.prefill_budget() if decoding else self.prefill_chunk)
             if not any(slot is not None and not slot.prefilling for slot in self._slots):
                 return admitted or prefilled
             self._decode_step()
@@ -384,6 +400,29 @@ class Engine:
             admitted = True
         return admitted
 
+    def prefill_budget(self) -> int:
+        """Prompt tokens to prefill in a step while streams decode: the set budget, or the largest
+        bucket whose time (measured, or scaled up from a smaller one's per token) is at most a
+        decode step's; the smallest bucket until both have been measured."""
+        if self.scheduling.prefill_budget is not None:
+            return self.scheduling.prefill_budget
+        decode, best, per_token = self._seconds.get("decode"), self._buckets[0], None
+        for bucket in self._buckets:
+            seconds = self._seconds.get(f"prefill {bucket}")
+            per_token = seconds / bucket if seconds is not None else per_token
+            if decode is None or per_token is None or per_token * bucket > decode:
+                break
+            best = bucket
+        return best
+
+    def _timed(self, key: str, start: float) -> None:
+        """Fold a program's time into its running mean (its first run, which may compile, is skipped)."""
+        seconds, mean = time.perf_counter() - start, self._seconds.get(key)
+        if key not in self._ran:
+            self._ran.add(key)
+        else:
+            self._seconds[key] = seconds if mean is None else 0.7 * mean + 0.3 * seconds
+
     def _prefill_some(self, budget: int) -> bool:
         """Prefill up to `budget` prompt tokens, oldest admission first, in chunks of at most
         `prefill_chunk`; a prompt that completes emits its first token."""
@@ -393,7 +432,9 @@ class Engine:
             slot = self._slots[i]
             ids = slot.stream.prompt_ids
             chunk = ids[slot.position : slot.position + min(budget, self.prefill_chunk)]
-            out = self._prefill_chunk(i, chunk, reset=slot.position == 0)
+            start = time.perf_counter()
+            out = jax.block_until_ready(self._prefill_chunk(i, chunk, reset=slot.position == 0))
+            self._timed(f"prefill {_bucket(len(chunk), self.prefill_chunk)}", start)
             slot.position += len(chunk)
             budget -= len(chunk)
             self.stats["prefill_tokens"] += len(chunk)
@@ -427,13 +468,18 @@ class Engine:
             fed = [self._slots[i].tokens[-1], *proposals.get(i, [])][:width]
             tokens[i, : len(fed)] = fed
             lengths[i] = len(fed)
+        start = time.perf_counter()
         chosen, logprob, top_ids, top_logprobs, accepted = (np.asarray(x) for x in self._decode_rows(tokens, lengths))
+        if width == 1:
+            self._timed("decode", start)
         self.stats["decode_steps"] += 1
         if width > 1:
             self.stats["speculative_steps"] += 1
             self.stats["proposed"] += int(lengths.sum()) - len(rows)
             self.stats["accepted"] += int(accepted.sum())
         for i in rows:
+            if proposals.get(i):
+                self._slots[i].note_proposals(int(accepted[i]))
             for j in range(int(accepted[i]) + 1):
                 self._slots[i].position += 1
                 self._emit(i, chosen[i, j], logprob[i, j], top_ids[i, j], top_logprobs[i, j])
@@ -446,6 +492,9 @@ class Engine:
         request = slot.stream.request
         room = min(request.max_tokens - len(slot.tokens), self.cache_len - 1 - slot.position) - 1
         if self.scheduling.speculate == 0 or request.sampling.temperature != 0 or room < 1:
+            return []
+        if slot.rest:
+            slot.rest -= 1
             return []
         return prompt_lookup(slot.stream.prompt_ids + slot.tokens, self.scheduling.lookup_ngram,
                              min(self.scheduling.speculate, room))

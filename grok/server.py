@@ -70,6 +70,8 @@ from typing import Annotated, Any, AsyncIterator, Callable, Literal, Sequence, T
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.applications import Starlette
@@ -426,6 +428,36 @@ class Metrics:
         Gauge("grok_batch_occupancy", "Active slots / max_batch", registry=registry).set_function(
             lambda: engine.active / max(engine.max_batch, 1)
         )
+        registry.register(_EngineCounts(engine))
+        if engine.prefix_cache is not None:
+            cache = engine.prefix_cache
+            Gauge("grok_prefix_cache_blocks", "Blocks the prefix cache holds", registry=registry).set_function(
+                lambda: cache.used
+            )
+            Gauge("grok_prefix_cache_capacity_blocks", "Blocks the prefix cache can hold", registry=registry).set(
+                cache.capacity
+            )
+
+
+class _EngineCounts(Collector):
+    """The engine's own counts (`Engine.stats`) as Prometheus counters."""
+
+    HELP = {
+        "prefill_tokens": "Prompt tokens prefilled (computed)",
+        "prefix_hit_tokens": "Prompt tokens restored from the prefix cache instead of computed",
+        "decode_steps": "Decode steps run",
+        "speculative_steps": "Decode steps that verified proposed tokens",
+        "proposed": "Tokens proposed by prompt lookup",
+        "accepted": "Proposed tokens accepted",
+    }
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        for key, text in self.HELP.items():
+            name = "grok_speculative_tokens_" + key if key in ("proposed", "accepted") else "grok_" + key
+            yield CounterMetricFamily(name, text, value=self.engine.stats[key])
 
 
 class _CountRequests:

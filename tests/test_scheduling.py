@@ -189,3 +189,90 @@ def test_block_names_chain_the_whole_prefix():
 def test_bad_scheduling_is_named(field, value):
     with pytest.raises(ValueError, match=field):
         Scheduling(**{field: value})
+
+
+def test_sixteen_streams_beside_a_long_prompt_with_prefix_hits_and_evictions_through_the_server(params):
+    """16 streaming clients (greedy and seeded sampled; prompts on three shared prefixes) and a long
+    prompt, through the HTTP server, on an engine with every feature on and a prefix cache too
+    small for the workload: each client gets exactly the tokens it gets alone on a plain engine,
+    and afterwards every slot is free and every stored block can be evicted."""
+    import asyncio
+    import json
+
+    import httpx2
+    from test_server import running, wait_for
+
+    from grok.server import create_app
+
+    grok = Grok(CONFIG, params, None, cpu_format=True)
+    busy = engine(grok, max_batch=8, prefill_budget=8, prefix_cache_bytes=prefix_bytes(grok, 6), block_size=BLOCK,
+                  speculate=4, speculate_max_batch=8)
+    rng = np.random.RandomState(1)
+    prefixes = [rng.randint(3, 328, size=n).tolist() for n in (24, 32, 16)]
+    prompts = [prefixes[i % 3] + rng.randint(3, 328, size=3 + i % 8).tolist() for i in range(16)]
+    prompts.append(rng.randint(3, 328, size=110).tolist())  # the long one, last
+    settings = [dict(temperature=0.0 if i % 2 == 0 else 2.0, top_p=1.0, seed=50 + i) for i in range(17)]
+    max_tokens = [8 + i % 7 for i in range(16)] + [6]
+    plain = engine(grok)
+    alone = [plain.generate([Request(p, m, SamplingParams(**s))])[0].token_ids
+             for p, m, s in zip(prompts, max_tokens, settings)]
+
+    async def stream_one(session, i):
+        await asyncio.sleep(0.3 if i == 16 else 0.01 * i)  # the long prompt comes while the others run
+        body = {"model": "m", "prompt": prompts[i], "max_tokens": max_tokens[i], "stream": True, "logprobs": 0,
+                **settings[i]}
+        ids = []
+        async with session.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    return ids
+                if line.startswith("data: "):
+                    logprobs = json.loads(line[6:])["choices"][0]["logprobs"]
+                    ids += [int(t[len("<|token:") : -2]) for t in (logprobs or {}).get("tokens", [])]
+        raise AssertionError("the stream ended without [DONE]")
+
+    async def main(url):
+        async with httpx2.AsyncClient(base_url=url, timeout=120, limits=httpx2.Limits(max_connections=32)) as session:
+            return await asyncio.wait_for(asyncio.gather(*(stream_one(session, i) for i in range(17))), timeout=300)
+
+    with running(create_app(busy, "m")) as url:
+        got = asyncio.run(main(url))
+        wait_for(lambda: busy.active == 0 and busy.queued == 0)
+    assert got == alone
+    cache = busy.prefix_cache
+    assert busy.stats["prefix_hit_tokens"] > 0 and cache.evicted > 0 and busy.stats["accepted"] > 0
+    assert busy.active == 0 and not busy._admitted
+    assert len(cache.allocate([bytes([i]) * 32 for i in range(cache.capacity)], keep=set())) == cache.capacity
+
+
+def test_serve_flags_make_the_scheduling(params):
+    from grok import cli
+
+    grok = Grok(CONFIG, params, None, cpu_format=True)
+    args = cli.build_parser().parse_args(["serve", "--max-batch", "4", "--cache-len", "64"])
+    default = cli._scheduling(args, grok)
+    kv_bytes = 2 * CONFIG.num_layers * 4 * CONFIG.num_kv_heads * 64 * CONFIG.key_size * 4  # f32 cache on CPU
+    assert default.prefix_cache_bytes == int(cli.DEFAULT_PREFIX_CACHE_SHARE * kv_bytes)
+    assert (default.prefill_budget, default.speculate) == (None, cli.DEFAULT_SPECULATE)
+    args = cli.build_parser().parse_args(["serve", "--prefix-cache-mb", "0", "--prefill-budget", "32",
+                                          "--speculate", "0", "--speculate-max-batch", "3"])
+    assert cli._scheduling(args, grok) == Scheduling(prefill_budget=32, speculate=0, speculate_max_batch=3)
+    assert Engine(grok, max_batch=1, cache_len=64, scheduling=cli._scheduling(args, grok)).prefix_cache is None
+
+
+def test_automatic_budget_follows_the_measured_times(grok):
+    auto = engine(grok, max_batch=2)
+    assert auto._buckets == [16] and auto.prefill_budget() == 16
+    auto = Engine(grok, max_batch=2, cache_len=CACHE_LEN, scheduling=Scheduling(prefill_chunk=100))
+    assert auto._buckets == [16, 32, 64, 100]
+    assert auto.prefill_budget() == 16  # nothing measured yet
+    auto._seconds.update({"decode": 0.1, "prefill 16": 0.03})
+    assert auto.prefill_budget() == 32  # 16 tokens take 0.03 s: 32 should take 0.06, 64 0.12
+    auto._seconds["prefill 32"] = 0.04
+    assert auto.prefill_budget() == 64  # 32 took 0.04: 64 should take 0.08, 100 0.125
+    auto._seconds["prefill 64"] = 0.11
+    assert auto.prefill_budget() == 32  # 64 is slower than a decode step
+    auto._seconds.update({"decode": 1.0, "prefill 64": 0.2})
+    assert auto.prefill_budget() == 100
+    assert Engine(grok, max_batch=1, cache_len=CACHE_LEN, scheduling=Scheduling(prefill_budget=40)).prefill_budget() == 40
