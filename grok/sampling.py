@@ -135,7 +135,10 @@ def _top(x, k: int):
     """`lax.top_k` along the last axis, behind an optimization barrier: XLA:CPU turns a top-k into
     its partial-selection kernel only when each output is used whole; slicing them (ids[:, 0],
     values[:, :max_top]) otherwise leaves a full sort of the vocabulary in its place."""
-    return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+    values, ids = jax.lax.top_k(x, k)
+    # One barrier per output: a barrier over the pair can be folded onto the top-k itself (as SPMD
+    # partitioning does), which XLA's top-k decomposer then fails on.
+    return jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(ids)
 
 
 def _pick(ranked, noise, total, top_p, top_k):
