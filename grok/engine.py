@@ -1,10 +1,17 @@
 """Serving many requests at once: a fixed set of KV-cache slots with continuous batching.
 
-Each request gets a slot (one row of the KV cache). Its prompt is prefilled alone, in chunks of
-bucketed length (right-padded, padding never attended to); then one jitted decode step advances
-every active slot by a token. A finished slot is refilled from the queue at the next step, so the
-batch stays full. Every request samples with its own settings and a key derived from its seed and
-position only, so its output does not depend on what else is in the batch.
+Each request gets a slot (one row of the KV cache). An engine step admits queued requests into
+free slots, prefills a bounded number of prompt tokens (in chunks of bucketed length,
+right-padded, padding never attended to), then runs one jitted decode step that advances every
+slot past its prompt by a token. So a long prompt never holds up the running streams for more
+than one chunk per step. A finished slot is refilled at the next step, so the batch stays full.
+Every request samples with its own settings and a key derived from its seed and position only,
+so its output does not depend on what else is in the batch.
+
+Two more features leave every output unchanged (`Scheduling`): a prefix cache
+(`grok.prefix_cache`) restores the keys and values of blocks of earlier prompts that a new prompt
+starts with, and prompt-lookup speculative decoding feeds a greedy stream's latest token together
+with tokens proposed from its own earlier text, keeping those the model agrees with.
 
 Context policy: a prompt must leave room for at least one new token in the cache
 (`ValueError` otherwise); generation that reaches the end of the cache stops with
@@ -441,7 +448,7 @@ class Engine:
             done = True
             if slot.position == len(ids):
                 self._admitted.pop(0)
-                self._store_blocks(slot)
+                self._store_blocks(i)
                 self._emit(i, *(np.asarray(x)[0] for x in out))
         return done
 
@@ -558,7 +565,7 @@ class Engine:
         included, so a conversation's next turn finds them)."""
         slot = self._slots[i]
         if keep_blocks:
-            self._store_blocks(slot)
+            self._store_blocks(i)
         self._slots[i] = None
         if i in self._admitted:
             self._admitted.remove(i)
@@ -566,15 +573,15 @@ class Engine:
 
     # ------------------------------------------------------------------ prefix cache
 
-    def _store_blocks(self, slot: _Slot) -> None:
-        """Copy the slot's full blocks that the prefix cache does not hold yet into it."""
-        cache = self.prefix_cache
+    def _store_blocks(self, i: int) -> None:
+        """Copy slot i's full blocks that the prefix cache does not hold yet into it."""
+        cache, slot = self.prefix_cache, self._slots[i]
         if cache is None:
             return
         slot.blocks = block_hashes(slot.cached_tokens(), cache.block_size, slot.blocks)
         placed = cache.allocate(slot.blocks, keep=set(slot.blocks))
         if placed:
-            self._save(self._slots.index(slot), *zip(*placed))
+            self._save(i, *zip(*placed))
 
     def _restore(self, i: int, rows: Sequence[int]) -> None:
         self._memory = restore(self.prefix_cache.block_size, self._memory, self.prefix_cache.blocks,
