@@ -276,3 +276,24 @@ def test_automatic_budget_follows_the_measured_times(grok):
     auto._seconds.update({"decode": 1.0, "prefill 64": 0.2})
     assert auto.prefill_budget() == 100
     assert Engine(grok, max_batch=1, cache_len=CACHE_LEN, scheduling=Scheduling(prefill_budget=40)).prefill_budget() == 40
+
+
+def test_every_feature_on_a_sharded_engine(grok, params, alone):
+    """Prefix cache (its store sharded like the cache: batch over `data`, kv heads over `model`),
+    budgeted prefill and speculation on a 2 x 2 mesh give the single-device outputs (of the int8
+    format: a sharded model keeps its weights int8)."""
+    if not grok.scan_layers:
+        pytest.skip("a sharded model is in the int8 format")
+    from grok.sharding import Sharder, load_rules, make_mesh
+
+    import jax
+
+    sharder = Sharder(load_rules("tensor_parallel"), make_mesh(2, 2, jax.devices()[:4]))
+    grok = Grok(CONFIG, params, None, sharder=sharder)
+    sharded = engine(grok, prefill_budget=16, prefix_cache_bytes=prefix_bytes(grok, 8), block_size=BLOCK,
+                     speculate=3, speculate_max_batch=4)
+    assert len(sharded.prefix_cache.blocks.k.sharding.device_set) == 4
+    first = sharded.generate([Request(p, MAX_TOKENS, GREEDY) for p in PROMPTS[:2]])
+    second = sharded.generate([Request(p, MAX_TOKENS, GREEDY) for p in PROMPTS[2:]])
+    assert [r.token_ids for r in first + second] == alone
+    assert sharded.stats["prefix_hit_tokens"] > 0
