@@ -18,17 +18,17 @@ from grok import distributed
 from grok.api import Grok, SamplingParams
 from grok.checkpoint import CheckpointError, find_checkpoint_dir
 from grok.config import GrokConfig, load_config
-from grok.model import cache_dtype, cache_shape
+from grok.model import cache_dtype
 from grok.engine import Engine, Scheduling
 from grok.demo import DEMO_CONFIG, write_demo_checkpoint
 from grok.plan import choose_layout, make_plan
+from grok.prefix_cache import DEFAULT_SHARE, default_bytes
 from grok.sharding import Sharder, load_rules, make_mesh, mesh_of, mesh_text, parse_mesh
 from grok.tokenizer import BYTE_TOKENIZER, ByteTokenizer
 
 log = logging.getLogger("grok")
 
 # serve's scheduling defaults (measured: see the README's "Serving")
-DEFAULT_PREFIX_CACHE_SHARE = 0.25
 DEFAULT_SPECULATE = 4
 DEFAULT_SPECULATE_MAX_BATCH = 1
 
@@ -81,6 +81,14 @@ def _budget(text: str) -> int | None:
     """--prefill-budget: `auto` (None) or a token count."""
     return None if text == "auto" else _ranged(int, 1)(text)
 SEED = _ranged(int, 0, 2**32 - 1)  # the engine holds seeds as uint32
+
+
+def _prefix_cache_flag(parser) -> None:
+    parser.add_argument(
+        "--prefix-cache-mb", type=_ranged(float, 0), metavar="MB",
+        help="device memory (all devices together) for cached prompt blocks, reused by prompts that start the "
+        f"same way; 0 turns the prefix cache off (default: {DEFAULT_SHARE:.0%} of the KV cache's memory)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,11 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "their tokens by one bounded chunk at a time; auto (the default) takes the largest chunk that "
         "runs no longer than a decode step, as measured while serving",
     )
-    sched.add_argument(
-        "--prefix-cache-mb", type=_ranged(float, 0), metavar="MB",
-        help="device memory for cached prompt blocks, reused by prompts that start the same way; 0 turns "
-        f"the prefix cache off (default: {DEFAULT_PREFIX_CACHE_SHARE:.0%} of the KV cache's memory)",
-    )
+    _prefix_cache_flag(sched)
     sched.add_argument(
         "--speculate", type=_ranged(int, 0), default=DEFAULT_SPECULATE, metavar="N",
         help="tokens proposed per greedy stream and step by prompt lookup and verified in one step; 0 is off "
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--cpu-devices", type=POSITIVE, metavar="N", help="devices of the pod (default: the --mesh's size, else 8)"
     )
+    _prefix_cache_flag(pl)
     pl.add_argument("--json", action="store_true", help="also print the plan as one JSON object, on the last line")
     pl.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
@@ -442,12 +447,13 @@ def serve(args: argparse.Namespace) -> int:
 
 def _scheduling(args: argparse.Namespace, grok: Grok) -> Scheduling:
     """serve's scheduling flags; the prefix cache's default memory is a share of the KV cache's."""
-    megabytes = args.prefix_cache_mb
-    if megabytes is None:
-        config = grok.config
-        shape = cache_shape(config, args.max_batch, args.cache_len or config.sequence_len, grok.sharder.cache_heads(config))
-        megabytes = DEFAULT_PREFIX_CACHE_SHARE * 2 * math.prod(shape) * jax.numpy.dtype(cache_dtype()).itemsize / 1e6
-    return Scheduling(prefill_budget=args.prefill_budget, prefix_cache_bytes=int(megabytes * 1e6),
+    config = grok.config
+    if args.prefix_cache_mb is None:
+        cache_len = args.cache_len or config.sequence_len
+        nbytes = default_bytes(config, args.max_batch, cache_len, grok.sharder.cache_heads(config), cache_dtype())
+    else:
+        nbytes = int(args.prefix_cache_mb * 1e6)
+    return Scheduling(prefill_budget=args.prefill_budget, prefix_cache_bytes=nbytes,
                       speculate=args.speculate, speculate_max_batch=args.speculate_max_batch)
 
 
@@ -459,7 +465,8 @@ def plan(args: argparse.Namespace) -> int:
     distributed.initialize(None, None, None, devices, "off")
     rules, shape = choose_layout(config, devices, args.rules, args.mesh)
     print(f"Planning {args.config} on {devices} devices (virtual CPU devices; compiling takes under a minute)...", flush=True)
-    result = make_plan(config, Sharder(rules, mesh_of(shape)), args.batch, cache_len)
+    prefix = None if args.prefix_cache_mb is None else int(args.prefix_cache_mb * 1e6)
+    result = make_plan(config, Sharder(rules, mesh_of(shape)), args.batch, cache_len, prefix_cache_bytes=prefix)
     print(result.describe())
     if args.json:
         print(result.to_json())

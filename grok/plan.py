@@ -29,6 +29,7 @@ import numpy as np
 from grok import aot, model
 from grok.config import GrokConfig
 from grok.engine import PREFILL_CHUNK
+from grok.prefix_cache import DEFAULT_BLOCK_SIZE, bytes_per_block, default_bytes
 from grok.sharding import RULES_DIR, PartitionRules, Sharder, ShardingError, load_rules, mesh_text, parse_mesh
 from grok.weights import model_shapes
 
@@ -94,13 +95,15 @@ class Plan:
     prefill_len: int
     params_bytes_per_device: int
     kv_bytes_per_device: int
+    prefix_cache_bytes_per_device: int  # serve's prefix cache (`grok.prefix_cache`)
     temp_bytes_per_device: int
     temp_bytes: dict[str, int]  # per program: decode, prefill
     compile_s: dict[str, float]  # lower + compile, per program
 
     @property
     def total_bytes_per_device(self) -> int:
-        return self.params_bytes_per_device + self.kv_bytes_per_device + self.temp_bytes_per_device
+        return (self.params_bytes_per_device + self.kv_bytes_per_device + self.prefix_cache_bytes_per_device
+                + self.temp_bytes_per_device)
 
     def fits(self) -> list[int]:
         """The sizes of DEVICE_SIZES_GB (GiB) that hold the total."""
@@ -122,6 +125,7 @@ class Plan:
             "Per device:",
             f"  parameters   {gib(self.params_bytes_per_device)}",
             f"  KV cache     {gib(self.kv_bytes_per_device)}",
+            f"  prefix cache {gib(self.prefix_cache_bytes_per_device)}   (serve --prefix-cache-mb)",
             f"  temporaries  {gib(self.temp_bytes_per_device)}   (decode {gib(self.temp_bytes['decode']).strip()}, "
             f"prefill {gib(self.temp_bytes['prefill']).strip()}; XLA's estimate)",
             f"  total        {gib(self.total_bytes_per_device)}",
@@ -152,15 +156,24 @@ def _bytes_per_device(tree, shardings) -> int:
 
 
 def make_plan(
-    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, prefill_len: int = PREFILL_CHUNK
+    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, prefill_len: int = PREFILL_CHUNK,
+    prefix_cache_bytes: int | None = None,
 ) -> Plan:
-    """Count and compile (abstractly) the layout `sharder` gives `config` for this serving shape."""
+    """Count and compile (abstractly) the layout `sharder` gives `config` for this serving shape.
+    `prefix_cache_bytes` is the prefix cache's memory in all (default: serve's, a share of the
+    KV cache's); the plan holds each device's part of it."""
     source = Path(sharder.rules.source)
     rules_name = source.stem if source.parent == RULES_DIR else str(source)
     shapes = model_shapes(config)
     params_bytes = _bytes_per_device(shapes, sharder.param_shardings(shapes))
     cache = jax.ShapeDtypeStruct(model.cache_shape(config, batch, cache_len, sharder.cache_heads(config)), model.DTYPE)
     kv_bytes = 2 * _bytes_per_device(cache, sharder.cache_sharding(cache.shape))  # keys and values
+    heads, block = sharder.cache_heads(config), DEFAULT_BLOCK_SIZE
+    if prefix_cache_bytes is None:
+        prefix_cache_bytes = default_bytes(config, batch, cache_len, heads, model.DTYPE)
+    blocks = prefix_cache_bytes // bytes_per_block(config, block, heads, model.DTYPE)
+    store = jax.ShapeDtypeStruct(model.cache_shape(config, blocks, block, heads), model.DTYPE)
+    prefix_bytes = 2 * _bytes_per_device(store, sharder.cache_sharding(store.shape)) if blocks else 0
     temp, seconds = {}, {}
     steps = aot.engine_steps(config, sharder, batch, cache_len, min(prefill_len, cache_len), model.WORDS)
     for name, step in steps.items():
@@ -177,6 +190,7 @@ def make_plan(
         prefill_len=min(prefill_len, cache_len),
         params_bytes_per_device=params_bytes,
         kv_bytes_per_device=kv_bytes,
+        prefix_cache_bytes_per_device=prefix_bytes,
         temp_bytes_per_device=max(temp.values()),
         temp_bytes=temp,
         compile_s=seconds,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import math
 from typing import NamedTuple
 
 import jax
@@ -28,6 +29,7 @@ from jaxtyping import Array, Bool, Int
 from grok import model
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per block
+DEFAULT_SHARE = 0.25  # serve's default prefix-cache memory, as a share of the KV cache's
 
 
 class Blocks(NamedTuple):
@@ -110,6 +112,11 @@ def bytes_per_block(config, block_size: int, kv_heads: int, dtype) -> int:
     """Device bytes of one stored block: keys and values of every layer, and the mask."""
     _, _, heads, _, size = model.cache_shape(config, 1, block_size, kv_heads)
     return 2 * config.num_layers * heads * block_size * size * jnp.dtype(dtype).itemsize + block_size
+
+
+def default_bytes(config, batch: int, cache_len: int, kv_heads: int, dtype) -> int:
+    """serve's default prefix-cache memory: DEFAULT_SHARE of the KV cache's (keys and values)."""
+    return int(DEFAULT_SHARE * 2 * math.prod(model.cache_shape(config, batch, cache_len, kv_heads)) * jnp.dtype(dtype).itemsize)
 
 
 def _axes(x: Array) -> tuple[int, int]:

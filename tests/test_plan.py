@@ -44,6 +44,11 @@ ETP16_PARAMS = 20_260_478_976
 # KV cache, batch 8 x 1024 positions: keys [64, 8, 8, 1024, 128] bf16, kv heads over `model` ->
 # [64, 8, 1, 1024, 128] * 2 bytes = 134_217_728; values the same.
 ETP16_KV_B8_S1024 = 268_435_456
+# Prefix cache, serve's default: a quarter of the whole KV cache (2 * 64 * 8 * 8 * 1024 * 128 * 2 =
+# 2_147_483_648 bytes) = 536_870_912, in blocks of 16 tokens of 2 * 64 * 8 * 16 * 128 * 2 + 16
+# (the mask) = 4_194_320 bytes: 127 blocks, stored [64, 127, 8, 16, 128] with kv heads over
+# `model` -> [64, 127, 1, 16, 128] * 2 bytes = 33_292_288; values the same.
+ETP16_PREFIX_B8_S1024 = 66_584_576
 
 
 @pytest.mark.skipif(jax.device_count() < 16, reason="needs the 16 virtual CPU devices of tests/conftest.py")
@@ -58,7 +63,10 @@ def test_plan_bytes_match_the_hand_derivation():
     # (3 * 4 * 6144 * 4096 * 2 = 604 MB) is the largest thing either program may hold.
     assert set(plan.temp_bytes) == {"decode", "prefill"}
     assert 0 < plan.temp_bytes_per_device == max(plan.temp_bytes.values()) < 2 * GIB
-    assert plan.total_bytes_per_device == ETP16_PARAMS + ETP16_KV_B8_S1024 + plan.temp_bytes_per_device
+    assert plan.prefix_cache_bytes_per_device == ETP16_PREFIX_B8_S1024
+    assert plan.total_bytes_per_device == (ETP16_PARAMS + ETP16_KV_B8_S1024 + ETP16_PREFIX_B8_S1024
+                                           + plan.temp_bytes_per_device)
+    assert make_plan(GROK1, sharder, batch=8, cache_len=1024, prefix_cache_bytes=0).prefix_cache_bytes_per_device == 0
     assert plan.mesh == {"data": 1, "expert": 2, "model": 8} and plan.rules == "expert_tensor_parallel"
     fields = json.loads(plan.to_json())
     assert fields["total_bytes_per_device"] == plan.total_bytes_per_device and fields["mesh"] == "data=1,expert=2,model=8"
@@ -115,7 +123,8 @@ def test_plan_command_on_a_32_device_pod_fits_16_gb_chips():
     assert plan["params_bytes_per_device"] <= 1.15 * 318_239_694_848 / 32
     assert plan["kv_bytes_per_device"] == 2 * 64 * 8 * 1 * 8192 * 128 * 2  # k and v, 1 kv head per device
     assert plan["total_bytes_per_device"] <= 15e9
-    assert plan["total_bytes_per_device"] == sum(plan[f"{k}_bytes_per_device"] for k in ("params", "kv", "temp"))
+    assert plan["total_bytes_per_device"] == sum(plan[f"{k}_bytes_per_device"] for k in ("params", "kv", "prefix_cache", "temp"))
+    assert 0.99 <= plan["prefix_cache_bytes_per_device"] / (plan["kv_bytes_per_device"] / 4) <= 1  # serve's default, in whole blocks
     assert 16 in plan["fits_gb"]
     assert "Fits devices of 16 GB" in result.stdout and "parameters" in result.stdout
 
@@ -130,7 +139,7 @@ def test_describe_names_the_fitting_sizes_and_warns_when_none_fits():
         return Plan(
             devices=8, mesh={"data": 1, "model": 8}, rules="tensor_parallel", batch=8, cache_len=8192,
             prefill_len=512, params_bytes_per_device=int(params_gib * GIB), kv_bytes_per_device=GIB,
-            temp_bytes_per_device=GIB, temp_bytes={"decode": GIB, "prefill": GIB // 2},
+            prefix_cache_bytes_per_device=GIB // 4, temp_bytes_per_device=GIB, temp_bytes={"decode": GIB, "prefill": GIB // 2},
             compile_s={"decode": 1.0, "prefill": 2.0},
         )
 

@@ -253,7 +253,7 @@ def test_serve_flags_make_the_scheduling(params):
     args = cli.build_parser().parse_args(["serve", "--max-batch", "4", "--cache-len", "64"])
     default = cli._scheduling(args, grok)
     kv_bytes = 2 * CONFIG.num_layers * 4 * CONFIG.num_kv_heads * 64 * CONFIG.key_size * 4  # f32 cache on CPU
-    assert default.prefix_cache_bytes == int(cli.DEFAULT_PREFIX_CACHE_SHARE * kv_bytes)
+    assert default.prefix_cache_bytes == int(cli.DEFAULT_SHARE * kv_bytes)
     assert (default.prefill_budget, default.speculate) == (None, cli.DEFAULT_SPECULATE)
     args = cli.build_parser().parse_args(["serve", "--prefix-cache-mb", "0", "--prefill-budget", "32",
                                           "--speculate", "0", "--speculate-max-batch", "3"])
