@@ -17,6 +17,7 @@ CPU device), with a longer context. Every number is driven through `grok.engine.
    has two regimes, each measured: at its stock embedding scale its greedy output is one token
    repeated (every proposal right: a copied span), and at a small scale (0.05) it is varied text
    without repeats (few proposals, mostly wrong). Targets: >= 1.5x on copies, >= 0.95x without.
+   Each run also says how many leading tokens equal those without speculation.
 
     PYTHONPATH=. .venv/bin/python bench/bench_scheduling.py                 # all three, ~10 min
     PYTHONPATH=. .venv/bin/python bench/bench_scheduling.py --sections stall --budgets whole 64
@@ -197,15 +198,22 @@ def bench_speculate(grok, args, rng, workload: str) -> dict:
         rate = len(result.token_ids) / seconds
         out[n] = {"tokens_s": rate, "tokens": result.token_ids, "proposed": e.stats["proposed"],
                   "accepted": e.stats["accepted"], "steps": e.stats["decode_steps"]}
-        base = out[0]["tokens_s"]
-        assert result.token_ids == out[0]["tokens"], "speculation changed the greedy output"
+        base, same = out[0]["tokens_s"], _same_prefix(result.token_ids, out[0]["tokens"])
+        out[n]["same_tokens"] = same
         print(f"{workload:>8}, speculate {n}: {rate:6.2f} tokens/s ({rate / base:4.2f}x), "
-              f"{e.stats['decode_steps']} steps, {e.stats['accepted']}/{e.stats['proposed']} proposals accepted",
-              flush=True)
+              f"{e.stats['decode_steps']} steps, {e.stats['accepted']}/{e.stats['proposed']} proposals accepted, "
+              f"{same}/{len(result.token_ids)} tokens as without", flush=True)
         del e
     for n in out:
         del out[n]["tokens"]
     return out
+
+
+def _same_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two outputs share. A verify step computes N + 1 positions in one
+    product, a decode step one; in bf16 a near-tie of the two likeliest tokens can round the
+    other way, and the outputs part there (see the README)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main(argv=None) -> None:
