@@ -126,24 +126,26 @@ def test_sharded_matches_single_device(rules, shape, host_params, tokens, single
     assert_close(cached_logits(sharder, params, tokens), single_device[1])
 
 
-@pytest.mark.parametrize(
-    "q_heads,rules,shape,cache_heads",
-    [
-        (4, "tensor_parallel", (1, 8), 2),  # G = 2 cannot take 4 copies: heads stay whole
-        (8, "tensor_parallel", (1, 8), 8),  # G = 4: each of the 2 kv heads repeated 4 times
-        # (expert_tensor_parallel repeating 2 kv heads on model=8: test_distributed's 4 x 4 processes)
-    ],
-)
-def test_fewer_kv_heads_than_model_shards(q_heads, rules, shape, cache_heads, tokens):
-    """2 kv heads on 8 model shards (the reference splits such a model by weight columns)."""
+@pytest.mark.parametrize("q_heads,cache_heads,per_device", [(4, 2, 2), (8, 8, 1)])
+def test_kv_cache_with_fewer_kv_heads_than_model_shards(q_heads, cache_heads, per_device):
+    """2 kv heads on 8 model shards: with G = 2 query heads each they cannot take 4 copies, so the
+    heads stay whole (the cache replicated); with G = 4 each is repeated 4 times, one per device."""
     config = PRESETS["tiny"].replace(num_q_heads=q_heads)
-    host = random_model(config)
-    expected = single_device_logits(config, host, tokens)
-    sharder, params = placed(sharder_for(rules, shape), host, config)
+    sharder = sharder_for("tensor_parallel", (1, 8))
     assert sharder.cache_heads(config) == cache_heads
     cache = sharder.zeros_cache(model.cache_shape(config, 8, 32, cache_heads))
-    per_device = cache.addressable_shards[0].data.shape
-    assert per_device[2] == (1 if cache_heads == 8 else 2)  # whole heads: one copy, or all (replicated)
+    assert cache.addressable_shards[0].data.shape[2] == per_device
+
+
+def test_kv_heads_kept_whole_give_the_single_device_logits(tokens):
+    """4 query heads on 8 model shards keep their 2 kv heads whole (the reference splits such a model
+    by weight columns). Repeated kv heads run above (8 repeated twice on tensor_parallel's (1, 16))
+    and, 2 of them 4 times on model=8, in test_distributed's 4 x 4 processes (expert_tensor_parallel,
+    whose attention rules are tensor_parallel's)."""
+    config = PRESETS["tiny"].replace(num_q_heads=4)
+    host = random_model(config)
+    expected = single_device_logits(config, host, tokens)
+    sharder, params = placed(sharder_for("tensor_parallel", (1, 8)), host, config)
     assert_close(full_logits(sharder, params, tokens, config), expected[0])
     assert_close(cached_logits(sharder, params, tokens, config), expected[1])
 
@@ -154,28 +156,7 @@ def test_weights_are_really_split(host_params):
     w = params["transformer/decoder_layer/moe/linear_1"]["w"]
     assert w.weight.addressable_shards[0].data.shape == (2, 8, CONFIG.ffn_size // 8, 64)
     assert w.scales.addressable_shards[0].data.shape == (2, 8, 1, 64)
-
-
-def test_block_scales_with_more_shards_than_blocks():
-    """Four 8-block scales on 8 devices: the block axis cannot split, so scales are replicated and
-    each device still applies the right block to its rows."""
-    config = CONFIG.replace(num_layers=1)
-    host = weights.random_params(config, 1)
-    for path, leaves in host.items():  # only 4 blocks per 8-block weight
-        w = leaves.get("w")
-        if hasattr(w, "scales") and w.scales.shape[-2] == 8:
-            leaves["w"] = type(w)(weight=w.weight, scales=w.scales[..., ::2, :])
-    stacked = weights.stack_layers(host, 1)
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), stacked)
-    sharder = Sharder(load_rules("tensor_parallel"), make_mesh(1, 8))
-    shardings = sharder.param_shardings(shapes)
-    assert shardings["transformer/decoder_layer/multi_head_attention/linear"]["w"].scales.spec[-2] is None
-    params = place_params(stacked, shardings)
-    tokens = np.random.default_rng(1).integers(3, 256, (8, 8)).astype(np.int32)
-    apply = model.build(config).apply
-    expected = np.asarray(jax.jit(apply)(stacked, jnp.asarray(tokens)).logits, np.float32)
-    fn = jax.jit(lambda p, t: model.build(config, constrain=sharder.constrain).apply(p, t).logits)
-    assert_close(np.asarray(fn(params, sharder.put(tokens, "tokens")), np.float32), expected)
+    # (Fewer scale blocks than shards, the blocks kept whole: test_scale_blocks, bit for bit.)
 
 
 def write_rules(tmp_path, params: str, activations: str | None = None) -> str:
