@@ -182,7 +182,9 @@ class Scheduling:
     - `speculate`: tokens proposed by prompt lookup per greedy stream and step (0 is off).
     - `speculate_max_batch`: speculate only while at most this many streams decode (a verify step
       costs more than a decode step once the batch is compute-bound).
-    - `lookup_ngram`: the longest run of latest tokens looked up in the stream's earlier tokens.
+    - `lookup_ngram`, `lookup_min_ngram`: the longest and shortest runs of latest tokens looked up
+      in the stream's earlier tokens (a single token recurs in any text, and proposes mostly
+      wrong tokens).
     """
 
     prefill_chunk: int = PREFILL_CHUNK
@@ -192,9 +194,10 @@ class Scheduling:
     speculate: int = 0
     speculate_max_batch: int = 1
     lookup_ngram: int = 3
+    lookup_min_ngram: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("prefill_chunk", "block_size", "speculate_max_batch", "lookup_ngram"):
+        for name in ("prefill_chunk", "block_size", "speculate_max_batch", "lookup_ngram", "lookup_min_ngram"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prefill_budget is not None and self.prefill_budget < 1:
@@ -504,7 +507,7 @@ class Engine:
             slot.rest -= 1
             return []
         return prompt_lookup(slot.stream.prompt_ids + slot.tokens, self.scheduling.lookup_ngram,
-                             min(self.scheduling.speculate, room))
+                             min(self.scheduling.speculate, room), self.scheduling.lookup_min_ngram)
 
     def _decode_rows(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple:
         """Run the decode step: tokens [max_batch, T] in, row b feeding its first `lengths[b]`."""
@@ -605,13 +608,13 @@ class Engine:
         return {k: self._replicated(v[i : i + 1]) for k, v in self._settings.items()}
 
 
-def prompt_lookup(history: Sequence[int], ngram: int, count: int) -> list[int]:
+def prompt_lookup(history: Sequence[int], ngram: int, count: int, min_ngram: int = 1) -> list[int]:
     """`count` tokens proposed to follow `history`: those that followed the latest earlier
-    occurrence of its last n tokens, for the largest n <= `ngram` that occurs earlier ([] if none
-    does). Where that continuation reaches the end of `history`, it goes on as the repeat it then
+    occurrence of its last n tokens, for the largest n in `min_ngram`..`ngram` that occurs
+    earlier ([] if none does). Where that continuation reaches the end of `history`, it goes on as the repeat it then
     is: the tokens from the occurrence on, again."""
     seq = np.asarray(history, np.int64)
-    for n in range(min(ngram, len(seq) - 1), 0, -1):
+    for n in range(min(ngram, len(seq) - 1), min_ngram - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # every earlier run of n tokens
         hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
         if hits.size:

@@ -173,6 +173,8 @@ def test_prompt_lookup():
     assert prompt_lookup([7, 7, 7], 3, 4) == [7, 7, 7, 7]  # a repeat goes on repeating
     assert prompt_lookup([1, 2, 1, 2], 2, 5) == [1, 2, 1, 2, 1]
     assert prompt_lookup([1, 2, 3], 3, 4) == [] and prompt_lookup([1], 3, 4) == []
+    assert prompt_lookup([4, 8, 4, 9, 4], 2, 2, min_ngram=2) == []  # one recurring token is not enough
+    assert prompt_lookup([4, 8, 4, 9, 4, 8], 2, 2, min_ngram=2) == [4, 9]
 
 
 def test_block_names_chain_the_whole_prefix():
@@ -184,7 +186,7 @@ def test_block_names_chain_the_whole_prefix():
 
 @pytest.mark.parametrize(
     "field,value", [("prefill_budget", 0), ("prefill_chunk", 0), ("block_size", 0), ("speculate", -1),
-                    ("prefix_cache_bytes", -5), ("speculate_max_batch", 0)],
+                    ("prefix_cache_bytes", -5), ("speculate_max_batch", 0), ("lookup_min_ngram", 0)],
 )
 def test_bad_scheduling_is_named(field, value):
     with pytest.raises(ValueError, match=field):
