@@ -240,6 +240,9 @@ def test_models_health_and_metrics(url, http, client):
     assert snapshot[("grok_batch_slots", ())] == 4
     assert snapshot[("grok_time_to_first_token_seconds_count", ())] > 0
     assert requests_counted(snapshot, 200) > 0
+    assert snapshot[("grok_prefill_tokens_total", ())] >= 1 and snapshot[("grok_decode_steps_total", ())] >= 1
+    for name in ("grok_prefix_hit_tokens_total", "grok_speculative_tokens_proposed_total"):
+        assert (name, ()) in snapshot
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -1,6 +1,7 @@
 """The server's life cycle: warming up before it reports ready, and shutting down (in-process, and a
 real `python run.py serve` stopped by SIGTERM)."""
 
+import collections
 import json
 import os
 import signal
@@ -124,7 +125,8 @@ def test_shutdown_ends_open_streams_with_a_final_event(engine):
 
 def test_metrics_never_divide_by_zero_batch_slots():
     """The occupancy gauge of an engine with no slots reads 0 rather than failing `/metrics` (500)."""
-    registry = Metrics(types.SimpleNamespace(queued=0, active=0, max_batch=0)).registry
+    engine = types.SimpleNamespace(queued=0, active=0, max_batch=0, prefix_cache=None, stats=collections.Counter())
+    registry = Metrics(engine).registry
     assert b"grok_batch_occupancy 0.0" in generate_latest(registry)
 
 
