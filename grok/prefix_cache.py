@@ -90,7 +90,6 @@ class PrefixCache:
         out = []
         for i, h in enumerate(hashes):
             if h in self._index:
-                self._index.move_to_end(h)
                 continue
             if not self._free:
                 victim = next((v for v in self._index if v not in keep), None)
