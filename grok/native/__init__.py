@@ -41,6 +41,22 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 # matches the kernel at 1 row.
 MAX_ROWS = 16
 
+_threads: int | None = None  # see `set_threads`
+
+
+def set_threads(count: int | None) -> None:
+    """Use at most `count` threads in the native kernels (None: every thread of XLA's intra-op pool).
+    Takes effect for computations traced after the call."""
+    global _threads
+    if count is not None and count < 1:
+        raise ValueError(f"thread count must be at least 1, got {count}")
+    _threads = count
+
+
+def threads() -> int | None:
+    """The limit `set_threads` set (None: no limit)."""
+    return _threads
+
 
 def matmul_t(x: Float[Array, "*batch m d_in"], w_t: Float[Array, "*batch d_out d_in"]) -> Float[Array, "*batch m d_out"]:
     """x @ w_t.T in float32 by the native kernel, one product per element of the leading batch
