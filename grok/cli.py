@@ -87,7 +87,7 @@ def _prefix_cache_flag(parser) -> None:
     parser.add_argument(
         "--prefix-cache-mb", type=_ranged(float, 0), metavar="MB",
         help="device memory (all devices together) for cached prompt blocks, reused by prompts that start the "
-        f"same way; 0 turns the prefix cache off (default: {DEFAULT_SHARE:.0%} of the KV cache's memory)",
+        f"same way; 0 turns the prefix cache off (default: {DEFAULT_SHARE * 100:.0f}%% of the KV cache's memory)",
     )
 
 

@@ -178,3 +178,10 @@ def test_byte_tokenizer_takes_text_prompts_for_a_demo_checkpoint(tmp_path, capsy
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     assert "--tokenizer FILE|bytes" in capsys.readouterr().out  # documented
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "plan", "download", "convert"])
+def test_every_commands_help_prints(command, capsys):
+    """A literal % in a help text breaks argparse's formatting (it must be %%)."""
+    assert exit_status([command, "--help"]) == 0
+    assert "usage: run.py" in capsys.readouterr().out
