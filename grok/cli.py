@@ -14,7 +14,7 @@ from typing import Callable, NoReturn
 
 import jax
 
-from grok import distributed
+from grok import distributed, threads
 from grok.api import Grok, SamplingParams
 from grok.checkpoint import CheckpointError, find_checkpoint_dir
 from grok.config import GrokConfig, load_config
@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="run the engine benchmark (bench/bench_engine.py; pass its flags after `bench`)",
+        help="run the engine benchmark (bench/bench_engine.py; pass its flags after `bench`; --threads N "
+        "is taken here, as for generate)",
         add_help=False,
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="flags for bench/bench_engine.py (try --help)")
@@ -302,6 +303,11 @@ def _model_flags() -> argparse.ArgumentParser:
         metavar="N",
         help="development: run on N virtual CPU devices per process (selects the CPU platform)",
     )
+    flags.add_argument(
+        "--threads", type=POSITIVE, metavar="N",
+        help="threads for the work on CPUs: XLA:CPU's thread pool and the native kernels (default: the CPUs "
+        f"this process may use, {threads.available_cpus()} here)",
+    )
     flags.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return flags
 
@@ -310,8 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "generate")
-    args = build_parser().parse_args(argv)  # a bad command line exits here (status 2)
+    if argv[0] == "bench":  # everything after `bench` is the benchmark's (argparse's REMAINDER drops leading flags)
+        args = build_parser().parse_args(argv[:1])
+        args.bench_args = argv[1:]
+    else:
+        args = build_parser().parse_args(argv)  # a bad command line exits here (status 2)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if args.command == "bench":
+        args.threads = _take_threads(args.bench_args)
+    if args.command in ("generate", "serve", "bench"):  # the commands that run the model
+        # XLA reads its thread count when JAX creates the CPU backend: before anything touches devices.
+        threads.apply(args.threads, getattr(args, "cpu_devices", None))
     commands = {
         "generate": generate, "serve": serve, "plan": plan, "download": download, "convert": convert, "bench": bench
     }
@@ -320,6 +335,27 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as err:  # ShardingError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _take_threads(bench_args: list[str]) -> int | None:
+    """`--threads N` (or `--threads=N`) taken out of bench's flags, which go on to the benchmark."""
+    value, rest, given = None, [], iter(bench_args)
+    for arg in given:
+        if arg == "--threads":
+            value = next(given, None)
+            if value is None:
+                build_parser().error("argument --threads: expected one argument")
+        elif arg.startswith("--threads="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    bench_args[:] = rest
+    if value is None:
+        return None
+    try:
+        return POSITIVE(value)
+    except argparse.ArgumentTypeError as err:
+        build_parser().error(f"argument --threads: {err}")
 
 
 def _parse_ids(text: str) -> list[int]:
