@@ -2,8 +2,8 @@
 run: prefix caching (time to first token), prefill beside running streams (inter-token latency
 while a long prompt is admitted) and prompt-lookup speculative decoding (tokens/s at batch 1).
 
-The model is bench/bench_engine.py's default (D=2048, 2 layers, 8 experts of ffn 10928, 16/4
-heads x 128, vocab 8192) with random 8-bit weights, in the CPU weight format (the default on one
+The model is bench/bench_engine.py's default at vocab 8192 (D=2048, 2 layers, 8 experts of ffn
+10928, 16/4 heads x 128) with random 8-bit weights, in the CPU weight format (the default on one
 CPU device), with a longer context. Every number is driven through `grok.engine.Engine`.
 
 1. prefix: a prompt of `--prefix` shared tokens and 64 of its own, then a second such prompt with
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load(scale: float | None, cache_len: int):
     from grok import Grok
 
-    config = bench_engine.make_config(bench_engine.parse_args(["--cache-len", str(cache_len)]))
+    config = bench_engine.make_config(bench_engine.parse_args(["--cache-len", str(cache_len), "--vocab", "8192"]))
     if scale is not None:
         config = config.replace(embedding_multiplier_scale=scale)
     start = time.perf_counter()
