@@ -44,8 +44,8 @@ Output:
   top_p 0.95, the rest greedy) on peaked logits (Zipf, whose nucleus lies in the sampler's
   candidates), and the mix on flat logits (standard normal: every sampled row needs the full
   sort, the worst case); each with its share of (forward step + sampling);
-- memory: peak RSS per engine (VmHWM, leaving out the bench's own rate probes; ru_maxrss, with
-  them, beside it), the budget = checkpoint bytes (int8 weights + bf16 scales + f32 embedding +
+- memory: peak RSS per engine (VmHWM, leaving out the bench's own rate and sampling probes; the
+  peak with them beside it; the peak of each stage: load, each phase's compile and run), the budget = checkpoint bytes (int8 weights + bf16 scales + f32 embedding +
   f32 norms and router: what the released checkpoint holds) + the largest KV cache the engine
   allocated, and peak / budget;
 - the issue's targets (int8 against f32) when both ran.
@@ -281,13 +281,25 @@ def measure_machine(bf16: bool = False) -> dict[str, float]:
     return rates
 
 
+def _malloc_trim() -> None:
+    """glibc's malloc_trim(0): return freed heap memory to the system (nothing elsewhere)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
-    """This process's peak resident memory, leaving out what the bench's own probes (machine rates,
-    sampling) allocate: the peak (VmHWM) is read before each probe and reset to the current RSS after
-    it (Linux `/proc/self/clear_refs`). Where that cannot be done, the peak is ru_maxrss."""
+    """This process's peak resident memory by stage, leaving out what the bench's own probes (machine
+    rates, sampling) allocate: at the end of each stage (`mark`) and before each probe the peak so far
+    (VmHWM) is read, then reset to the current RSS (Linux `/proc/self/clear_refs`). Where that cannot
+    be done, every peak is ru_maxrss."""
 
     def __init__(self) -> None:
-        self.peak = 0
+        self.stages: dict[str, int] = {}
+        self.with_probes = 0
         try:
             self._reset()
             self.resettable = True
@@ -305,21 +317,33 @@ class PeakMemory:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
 
-    def probe(self, fn, *args):
-        """fn(*args), its memory left out of the peak."""
+    def _hwm(self) -> int:
         if not self.resettable:
-            return fn(*args)
-        self.peak = max(self.peak, self.status("VmHWM"))
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self.status("VmHWM")
+
+    def mark(self, stage: str) -> None:
+        """Close a stage: its peak is the peak since the last mark or probe."""
+        self.stages[stage] = max(self.stages.get(stage, 0), self._hwm())
+        if self.resettable:
+            self._reset()
+
+    def probe(self, stage: str, fn, *args):
+        """fn(*args) during `stage`, its memory left out of the peak."""
+        self.mark(stage)
         try:
             return fn(*args)
         finally:
+            self.with_probes = max(self.with_probes, self._hwm())
             gc.collect()
-            self._reset()
+            _malloc_trim()  # what the probe freed goes back to the system, not into later stages' peaks
+            if self.resettable:
+                self._reset()
 
-    def value(self) -> int:
-        if not self.resettable:
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return max(self.peak, self.status("VmHWM"))
+    def peak(self) -> tuple[int, str]:
+        """The peak of every stage, and the stage it was reached in."""
+        stage = max(self.stages, key=self.stages.get)
+        return self.stages[stage], stage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,11 +422,18 @@ def load_weights(config, engine: str, seed: int = 0):
 
 
 @functools.cache
-def _random_cache_fn(shape: tuple[int, ...], dtype):
+def _cache_array_fn(shape: tuple[int, ...], dtype):
+    """seed -> a cache array of bf16 values in [-1, 1] that vary along every axis (a sine of the
+    element's index): one elementwise loop, so making it needs no memory beyond the array (random
+    bits would take a buffer of their own)."""
     import jax
     import jax.numpy as jnp
 
-    return jax.jit(lambda key: jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16).astype(dtype))
+    def make(seed):
+        index = jax.lax.iota(jnp.int32, math.prod(shape)).reshape(shape).astype(jnp.float32)
+        return jnp.sin(index * 0.7548776 + seed).astype(jnp.bfloat16).astype(dtype)
+
+    return jax.jit(make)
 
 
 def measure_sampling(config, batch: int, position: int, repeat: int) -> dict[str, float]:
@@ -455,6 +486,7 @@ def run_engine(args, engine: str) -> dict:
     params = load_weights(config, engine)
     load_s = time.perf_counter() - start
     gc.collect()
+    peak.mark("load")
     loaded_rss = PeakMemory.status("VmRSS")
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     if engine in PER_LAYER:
@@ -467,14 +499,14 @@ def run_engine(args, engine: str) -> dict:
     dtype = jnp.bfloat16 if engine == "baseline" else model.cache_dtype()
 
     def memory_at(batch: int, filled: int) -> model.KVMemory:
-        """A cache whose first `filled` positions hold (random, bf16-valued) keys and values of real
+        """A cache whose first `filled` positions hold (bf16-valued, varied) keys and values of real
         tokens, made on the device."""
         shape = model.cache_shape(config, batch, args.cache_len)
         shape = shape[1:] if engine in PER_LAYER else shape
         layers = config.num_layers if engine in PER_LAYER else 1
 
         def kv(seed):
-            arrays = tuple(_random_cache_fn(shape, dtype)(jax.random.key(seed + i)) for i in range(layers))
+            arrays = tuple(_cache_array_fn(shape, dtype)(jnp.float32(seed + i)) for i in range(layers))
             return arrays if engine in PER_LAYER else arrays[0]
 
         mask = np.zeros((batch, args.cache_len), bool)
@@ -483,15 +515,18 @@ def run_engine(args, engine: str) -> dict:
 
     def timed(phase: str, batch: int, tokens: int, filled: int, repeat: int) -> None:
         token_ids = jnp.asarray(rng.integers(3, config.vocab_size, (batch, tokens)), jnp.int32)
-        memory = memory_at(batch, filled)
         start = time.perf_counter()
-        compiled = step.lower(params, token_ids, memory).compile()
+        # Compiled for the cache's shapes, before it exists: the compiler's memory and the cache's
+        # do not add up in the peak.
+        compiled = step.lower(params, token_ids, jax.eval_shape(lambda: memory_at(batch, filled))).compile()
         result["compile_s"][f"{batch}x{tokens}"] = time.perf_counter() - start
+        peak.mark(f"{phase} compile")
+        memory = memory_at(batch, filled)
         out = compiled(params, token_ids, memory)  # warm-up
         del memory
         jax.block_until_ready(out.logits)
         # The machine is shared and its load varies: measure its rates right before this phase.
-        result["machine"][phase] = peak.probe(measure_machine)
+        result["machine"][phase] = peak.probe(f"{phase} run", measure_machine)
         times = []
         for _ in range(repeat):
             # Decode continues from the last step's cache (donated: updated in place); each prefill
@@ -507,15 +542,17 @@ def run_engine(args, engine: str) -> dict:
             times.append(time.perf_counter() - start)
         result["steps"][phase] = min(times)
         del out
+        peak.mark(f"{phase} run")
 
     steps = 2 if engine == "baseline" else args.steps
     timed("prefill", 1, args.prompt_len, 0, 2)
     for batch in args.batches:
         timed(f"decode {batch}", batch, 1, args.prompt_len, steps)
-        result["sampling"][str(batch)] = peak.probe(measure_sampling, config, batch, args.prompt_len, steps)
+        result["sampling"][str(batch)] = peak.probe(f"decode {batch} run", measure_sampling, config, batch, args.prompt_len, steps)
+    peak_rss, peak_stage = peak.peak()
     result.update(
-        load_s=load_s, loaded_rss=loaded_rss, weight_bytes=weight_bytes, peak_rss=peak.value(),
-        peak_resettable=peak.resettable, ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        load_s=load_s, loaded_rss=loaded_rss, weight_bytes=weight_bytes, peak_rss=peak_rss, peak_stage=peak_stage,
+        peak_stages=peak.stages, peak_resettable=peak.resettable, peak_with_probes=max(peak.with_probes, peak_rss),
         kv_bytes=kv_bytes(config, engine, max(args.batches), args.cache_len), threads=threads, kernels=kernels,
     )
     return result
@@ -595,10 +632,9 @@ def report(args, config, machine: dict, best: dict, results: dict[str, dict]) ->
             print(f"{engine:<9}{batch:>6}{t * 1e3:>9.1f}{cells}")
 
     print(f"\nmemory: budget = checkpoint ({ckpt['total'] / gb:.3f} GB) + the engine's largest KV cache (batch "
-          f"{max(args.batches)} x {args.cache_len}); peak RSS leaves out the bench's rate and sampling probes "
-          f"(ru_maxrss: with them)")
+          f"{max(args.batches)} x {args.cache_len}); peak RSS (VmHWM) leaves out the bench's rate and sampling probes")
     header = (f"{'engine':<9}{'load s':>7}{'TTFT s':>8}{'compile s':>11}{'weights GB':>12}{'loaded GB':>11}{'KV GB':>7}"
-              f"{'peak RSS GB':>13}{'ru_maxrss':>11}{'budget GB':>11}{'peak/budget':>13}")
+              f"{'peak RSS GB':>13}{'  at':<21}{'w/ probes':>10}{'budget GB':>11}{'peak/budget':>13}")
     print(header)
     print("-" * len(header))
     for engine, result in results.items():
@@ -606,10 +642,15 @@ def report(args, config, machine: dict, best: dict, results: dict[str, dict]) ->
         budget = ckpt["total"] + result["kv_bytes"]
         print(f"{engine:<9}{result['load_s']:>7.1f}{result['steps']['prefill']:>8.2f}{compile_s:>11.1f}"
               f"{result['weight_bytes'] / gb:>12.3f}{result['loaded_rss'] / gb:>11.3f}{result['kv_bytes'] / gb:>7.3f}"
-              f"{result['peak_rss'] / gb:>13.3f}{result['ru_maxrss'] / gb:>11.3f}{budget / gb:>11.3f}"
-              f"{result['peak_rss'] / budget:>13.2f}" + ("" if result["peak_resettable"] else "  (ru_maxrss)"))
-    print("weights: bytes of the engine's parameter arrays; loaded: RSS once they are made; KV: the largest cache "
-          "(k and v) it allocated.")
+              f"{result['peak_rss'] / gb:>13.3f}  {result['peak_stage']:<19}{result['peak_with_probes'] / gb:>10.3f}"
+              f"{budget / gb:>11.3f}{result['peak_rss'] / budget:>13.2f}"
+              + ("" if result["peak_resettable"] else "  (ru_maxrss: probes included)"))
+    print("weights: bytes of the engine's parameter arrays; loaded: RSS once they are made; at: the stage of the peak "
+          "(load, a phase's compile or run);\nw/ probes: the peak with the probes' memory; KV: the largest cache (k and v) "
+          "it allocated.")
+    for engine, result in results.items():
+        print(f"  {engine} peak RSS by stage (GB): "
+              + ", ".join(f"{stage} {value / gb:.2f}" for stage, value in result["peak_stages"].items()))
 
     if "int8" in results:
         ideal = step_work(config, "int8", 1, 1, args.cache_len)
