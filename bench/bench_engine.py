@@ -45,15 +45,25 @@ Output:
   candidates), and the mix on flat logits (standard normal: every sampled row needs the full
   sort, the worst case); each with its share of (forward step + sampling);
 - memory: peak RSS per engine (VmHWM, leaving out the bench's own rate and sampling probes; the
-  peak with them beside it; the peak of each stage: load, each phase's compile and run), the budget = checkpoint bytes (int8 weights + bf16 scales + f32 embedding +
-  f32 norms and router: what the released checkpoint holds) + the largest KV cache the engine
-  allocated, and peak / budget;
-- the issue's targets (int8 against f32) when both ran.
+  peak with them beside it; the peak of each stage: load, each phase's compile and run), the
+  budget = checkpoint bytes (int8 weights + bf16 scales + f32 embedding + f32 norms and router:
+  what the released checkpoint holds) + the largest KV cache the engine allocated, and peak /
+  budget;
+- issue 15's targets (int8 against f32: tokens/s ratios, % of the int8 roofline at batch 1, peak
+  RSS / budget, sampling's share at the largest batch) when both ran.
+
+The three runs of issue 15's closing note (2 threads: all of this machine's cores; `--threads N`
+caps the native kernels, `PJRT_NPROC=N` XLA's pool, as `run.py bench --threads N` does both):
 
     PYTHONPATH=. .venv/bin/python bench/bench_engine.py              # D=2048, 2 layers, vocab 131072
-    PYTHONPATH=. .venv/bin/python bench/bench_engine.py --emb-size 4096   # weights past any cache
-    PYTHONPATH=. .venv/bin/python bench/bench_engine.py --vocab 8192      # llama.cpp's figures' vocab
+    PYTHONPATH=. .venv/bin/python bench/bench_engine.py --emb-size 4096   # D=4096: weights past any cache
+    PYTHONPATH=. .venv/bin/python bench/bench_engine.py --vocab 8192      # the vocab of llama.cpp's figures
+
+Others:
+
     PYTHONPATH=. .venv/bin/python bench/bench_engine.py --engines int8 f32 xla-int8 baseline --vocab 8192
+    PYTHONPATH=. .venv/bin/python bench/bench_engine.py --emb-size 256 --layers 1 --vocab 4096 \
+        --prompt-len 32 --cache-len 128 --batches 1 8 --steps 2       # a quick check, seconds
     PYTHONPATH=. .venv/bin/python bench/bench_engine.py --allocator jemalloc   # see the README
 
 The default size holds ~1.1 GB of int8 weights (+ a 1.07 GB f32 embedding; the f32 engine needs
