@@ -16,7 +16,7 @@ import numpy as np
 from grok import checkpoint, model, weights
 from grok.config import GrokConfig, load_config
 from grok.engine import Engine, Generation, Request
-from grok.loader import load_sharded, place
+from grok.loader import load_layers, load_sharded, place
 from grok.sampling import SamplingParams
 from grok.sharding import Sharder, single_device
 from grok.tokenizer import Tokenizer, load_tokenizer
@@ -24,13 +24,22 @@ from grok.tokenizer import Tokenizer, load_tokenizer
 CACHE_BLOCK = 128  # `logits` pads sequences to a multiple of this, so few shapes are compiled
 
 
+def _one_cpu_device(sharder: Sharder) -> bool:
+    """Whether the mesh is a single CPU device: the CPU weight formats' layout."""
+    devices = sharder.mesh.devices
+    return devices.size == 1 and devices.flat[0].platform == "cpu"
+
+
 class Grok:
     """A loaded model: parameters (model tree) placed on a mesh, its config, optionally a tokenizer.
 
     Without a `sharder` everything lives on the first device (the `replicated` rules on a 1x1 mesh).
-    `cpu_format`: hold the weights in the CPU format (`grok.model.f32_params`: every 8-bit weight
-    dequantized once to float32, 4x its memory, and unrolled layers), which decodes several times
-    faster on XLA:CPU with the same numbers. Default: on when the model runs on one CPU device.
+    On one CPU device the weights are held in the int8 CPU format (`grok.model.cpu_int8_params`:
+    the released 8-bit weights as loaded, read by native kernels, the embedding table in bf16;
+    unrolled layers). `cpu_format=True` holds them in the f32 CPU format instead
+    (`grok.model.f32_params`: every 8-bit weight dequantized once to float32, 4x its memory), kept
+    for comparison. Elsewhere the weights stay as released, in the scanned layers' stacked tree.
+    All formats give the same numbers.
     """
 
     def __init__(
@@ -44,22 +53,23 @@ class Grok:
         self.config = config
         self.tokenizer = tokenizer
         self.sharder = sharder or single_device()
-        # The scales' layout depends on their row blocks: those of `params`, not the release's.
-        shapes = jax.tree.map(
-            weights.with_scale_blocks_of, weights.model_shapes(config), params, is_leaf=weights.is_weight
-        )
-        shardings = self.sharder.param_shardings(shapes)
-        params = jax.tree.map(
-            lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s else place(np.asarray(x), s),
-            params, shardings,
-        )
-        devices = self.sharder.mesh.devices
-        if cpu_format is None:
-            cpu_format = devices.size == 1 and devices.flat[0].platform == "cpu"
-        elif cpu_format and devices.size > 1:
-            raise ValueError("cpu_format needs a single-device mesh: the CPU weight format is not sharded")
-        self.scan_layers = not cpu_format
-        self.params = model.f32_params(weights.unstack_layers(params, config.num_layers)) if cpu_format else params
+        one_cpu = _one_cpu_device(self.sharder)
+        if cpu_format and not one_cpu:
+            raise ValueError("cpu_format needs a single CPU device: the f32 CPU format is not sharded")
+        self.scan_layers = not one_cpu
+        if one_cpu:  # per-layer weights (a stacked tree is split first), converted one by one onto the device
+            convert = model.f32_params if cpu_format else model.cpu_int8_params
+            with jax.default_device(self.sharder.mesh.devices.flat[0]):
+                self.params = convert(weights.unstack_layers(params, config.num_layers))
+        else:
+            # The scales' layout depends on their row blocks: those of `params`, not the release's.
+            shapes = jax.tree.map(
+                weights.with_scale_blocks_of, weights.model_shapes(config), params, is_leaf=weights.is_weight
+            )
+            self.params = jax.tree.map(
+                lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s else place(np.asarray(x), s),
+                params, self.sharder.param_shardings(shapes),
+            )
         self.apply = model.build(config, constrain=self.sharder.constrain, scan_layers=self.scan_layers).apply
         self._logits = jax.jit(lambda p, tokens: self.apply(p, tokens).logits, out_shardings=self.sharder.replicated())
         self._engine: Engine | None = None  # made on the first `generate`
@@ -77,7 +87,9 @@ class Grok:
         """Load a release-format checkpoint; `config` is a preset name, a JSON file or a `GrokConfig`;
         `tokenizer` a SentencePiece model file, "bytes" (the demo's `ByteTokenizer`) or a tokenizer.
 
-        With a `sharder`, each weight goes straight to its shards (see `grok.loader`).
+        With a `sharder`, each weight goes straight to its shards (see `grok.loader`). On one CPU
+        device each is converted to the CPU format as it is read (`grok.loader.load_layers`), so
+        loading holds at most one tensor file more than the loaded model.
         """
         config = load_config(config)
         directory = checkpoint.resolve_checkpoint_dir(directory)  # fail fast, before anything slow
@@ -85,7 +97,12 @@ class Grok:
             tokenizer = load_tokenizer(tokenizer)
         sharder = sharder or single_device()
         sharder.check_activations(config)
-        params = load_sharded(directory, config, sharder, progress=progress)
+        if _one_cpu_device(sharder):
+            leaf = model.f32_leaf if cpu_format else model.cpu_int8_leaf
+            with jax.default_device(sharder.mesh.devices.flat[0]):
+                params = load_layers(directory, config, convert=leaf, progress=progress)
+        else:
+            params = load_sharded(directory, config, sharder, progress=progress)
         return cls(config, params, tokenizer, sharder, cpu_format)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

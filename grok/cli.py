@@ -256,9 +256,9 @@ def _model_flags() -> argparse.ArgumentParser:
         "--weight-format",
         choices=sorted(WEIGHT_FORMATS),
         default="auto",
-        help="int8: the released 8-bit weights (for GPU/TPU); cpu: dequantized once to float32 (4x the "
-        "memory, several times faster decoding on CPU, same numbers; one device only); auto (default): "
-        "cpu when running on a single CPU device, else int8",
+        help="int8: the released 8-bit weights as loaded (on one CPU device read by native int8 kernels, the "
+        "embedding table in bf16); cpu: dequantized once to float32 (4x the memory, slower; one device only; "
+        "kept for comparison); auto (default): int8. Same numbers either way",
     )
     shard = flags.add_argument_group(
         "sharding",

@@ -209,5 +209,7 @@ def _own_device_buffer(leaf) -> jax.Array:
     host = np.asarray(leaf)
     placed = jax.device_put(host)
     if host.size and placed.unsafe_buffer_pointer() == host.ctypes.data:
-        placed = jax.device_put(placed, may_alias=False)  # a device copy; the alias, and with it `host`, go
+        # A device copy (waited for: it reads `host`, which the caller may then free or change); the
+        # alias, and with it `host`, go.
+        placed = jax.block_until_ready(jax.device_put(placed, may_alias=False))
     return placed

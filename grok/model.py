@@ -24,7 +24,19 @@ from jaxtyping import Array, Bool, Float, Int
 
 from grok import ops
 from grok.config import GrokConfig
-from grok.quant import F32Table, F32Weight, QuantizedWeight8bit, dequantize, to_f32_table, to_f32_weight
+from grok.quant import (
+    BF16Table,
+    F32Experts,
+    F32Table,
+    F32Weight,
+    Int8CpuWeight,
+    QuantizedWeight8bit,
+    dequantize,
+    to_bf16_table,
+    to_f32_table,
+    to_f32_weight,
+    to_int8_cpu_weight,
+)
 from grok.sharding import Constrain, Sharder, no_constraint
 
 DTYPE = jnp.bfloat16  # activations ("fprop dtype") of the released model
@@ -121,6 +133,8 @@ def matmul(x: Float[Array, "... d_in"], w: Array | QuantizedWeight8bit | F32Weig
     """
     if isinstance(w, F32Weight):
         return ops.bf16_matmul_t(x, w.value_t)
+    if isinstance(w, Int8CpuWeight):
+        return ops.int8_matmul(x, w).astype(x.dtype)
     return x @ as_matrix(w, x.dtype)
 
 
@@ -305,13 +319,15 @@ class InOutEmbed(hk.Module):
         table = self._embeddings()
         if isinstance(table, F32Table):  # bf16 values already: an f32 matmul, rounded to bf16
             logits = ops.bf16_matmul_t(h, table.value)
+        elif isinstance(table, BF16Table):
+            logits = ops.bf16_table_product(h, table.value)
         else:
             logits = h @ table.T.astype(h.dtype)
         return logits * self.config.output_multiplier_scale
 
 
-def _table(embeddings: Array | F32Table) -> Array:
-    return embeddings.value if isinstance(embeddings, F32Table) else embeddings
+def _table(embeddings: Array | F32Table | BF16Table) -> Array:
+    return embeddings.value if isinstance(embeddings, (F32Table, BF16Table)) else embeddings
 
 
 class Output(NamedTuple):
@@ -419,19 +435,44 @@ def f32_params(params: dict) -> dict:
     bound of an int8 decode step), and f32 matmuls that read weights at memory speed. Works on stacked or
     per-layer trees (use the per-layer one with `build(..., scan_layers=False)`).
     """
-    out = {}
-    for path, leaves in params.items():
-        out[path] = {}
-        for name, leaf in leaves.items():
-            if _EXPERT_WEIGHT.search(path):
-                out[path][name] = to_f32_weight(leaf, experts_axis=len(leaf.shape) - 3)
-            elif isinstance(leaf, QuantizedWeight8bit):
-                out[path][name] = to_f32_weight(leaf)
-            elif path == _EMBEDDINGS:
-                out[path][name] = to_f32_table(leaf)
-            else:
-                out[path][name] = jnp.asarray(leaf)
-    return out
+    return {path: {name: f32_leaf(path, name, leaf) for name, leaf in leaves.items()} for path, leaves in params.items()}
+
+
+def f32_leaf(path: str, name: str, leaf):
+    """One parameter of `f32_params` (for loaders that convert as they read; a converted one is
+    returned as it is)."""
+    if isinstance(leaf, (F32Weight, F32Experts, F32Table)):
+        return leaf
+    if _EXPERT_WEIGHT.search(path):
+        return to_f32_weight(leaf, experts_axis=len(leaf.shape) - 3)
+    if isinstance(leaf, QuantizedWeight8bit):
+        return to_f32_weight(leaf)
+    if path == _EMBEDDINGS:
+        return to_f32_table(leaf)
+    return jnp.array(leaf)  # a copy: never an alias that keeps a loader's host array alive
+
+
+def cpu_int8_params(params: dict) -> dict:
+    """The int8 CPU format: every 8-bit weight kept as loaded (the same int8 and bf16 arrays,
+    marked `Int8CpuWeight` for the native kernels) and the embedding table rounded to bf16 once
+    (`BF16Table`, which replaces the f32 table). The model's numbers do not change.
+
+    Memory: the checkpoint's bytes, less half the embedding table. For a model on one CPU device,
+    with unrolled layers (the per-layer tree, `build(..., scan_layers=False)`), so each layer's
+    weights are read in place."""
+    return {path: {name: cpu_int8_leaf(path, name, leaf) for name, leaf in leaves.items()} for path, leaves in params.items()}
+
+
+def cpu_int8_leaf(path: str, name: str, leaf):
+    """One parameter of `cpu_int8_params` (for loaders that convert as they read; a converted one
+    is returned as it is)."""
+    if isinstance(leaf, (Int8CpuWeight, BF16Table)):
+        return leaf
+    if isinstance(leaf, QuantizedWeight8bit):
+        return to_int8_cpu_weight(leaf)
+    if path == _EMBEDDINGS:
+        return to_bf16_table(leaf)
+    return jnp.array(leaf)  # a copy: never an alias that keeps a loader's host array alive
 
 
 def _sharder(constrain: Constrain) -> Sharder | None:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from grok import native
-from grok.quant import F32Experts, QuantizedWeight8bit, dequantize, dequantize_to_f32
+from grok.quant import F32Experts, Int8CpuWeight, QuantizedWeight8bit, dequantize, dequantize_to_f32
 
 MOE_IMPLS = ("auto", "all_experts", "ragged", "gather")
 # Up to this many tokens, a mixture over CPU-format weights runs natively (`moe_grouped`): each
@@ -185,6 +185,50 @@ def matmul_t(x: Float[Array, "... d_in"], w_t: Float[Array, "d_out d_in"]) -> Fl
     return y.reshape(*x.shape[:-1], w_t.shape[0])
 
 
+def int8_native() -> bool:
+    """Whether products with `Int8CpuWeight`s run on the native int8 kernels: on a CPU backend
+    where they are built (else XLA dequantizes the weights, with the same numbers)."""
+    return jax.default_backend() == "cpu" and native.int8_available()
+
+
+def int8_matmul(
+    x: Float[Array, "... d_in"], w: QuantizedWeight8bit, group_sizes: Int[Array, "e"] | None = None
+) -> Float[Array, "... d_out"]:
+    """x @ w in float32 for an 8-bit weight in the int8 CPU format, its values rounded to bf16 as
+    GROK1.md dequantizes them; x's values (bf16 or f32) are used exactly. With stacked weights
+    [e, in, out], x's rows come grouped by weight (`native.int8_matmul`). By the native kernel
+    where `int8_native()`, else by XLA."""
+    rows = x.reshape(-1, x.shape[-1])
+    if int8_native():
+        y = native.int8_matmul(rows, w.weight, w.scales, group_sizes)
+    elif group_sizes is None:
+        y = rows.astype(jnp.float32) @ dequantize_to_f32(w)
+    else:
+        y = _grouped_by_xla(rows.astype(jnp.float32), group_sizes, dequantize_to_f32(w))
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+def _grouped_by_xla(rows: Float[Array, "r d_in"], group_sizes: Int[Array, "e"], w: Float[Array, "e d_in d_out"]):
+    """`native.int8_matmul`'s grouped product without the kernel: every row times every weight,
+    each row's own kept (rows past the groups zero). For tests and CPUs without a compiler."""
+    ends = jnp.cumsum(group_sizes)
+    group = jnp.searchsorted(ends, jnp.arange(rows.shape[0]), side="right")
+    every = jnp.einsum("rd,edf->ref", rows, w, precision=jax.lax.Precision.HIGHEST)
+    own = jnp.take_along_axis(every, jnp.minimum(group, w.shape[0] - 1)[:, None, None], axis=1)[:, 0]
+    return jnp.where((group < w.shape[0])[:, None], own, 0.0)
+
+
+def bf16_table_product(x: Float[Array, "... d"], table: Float[Array, "v d"]) -> Float[Array, "... v"]:
+    """The bf16 matmul x @ table.T with a bf16 table (the tied output projection of the int8 CPU
+    format), rounded to x's dtype: by the native kernel where `int8_native()`, else by XLA."""
+    rows = x.reshape(-1, x.shape[-1])
+    if int8_native():
+        y = native.bf16_matmul_t(rows.astype(jnp.bfloat16), table)
+    else:
+        y = jnp.dot(rows.astype(jnp.float32), table.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+    return _f32_rounded_as(y, x.dtype).astype(x.dtype).reshape(*x.shape[:-1], table.shape[0])
+
+
 def bf16_matmul_t(x: Float[Array, "... d_in"], w_t: Float[Array, "d_out d_in"]) -> Float[Array, "... d_out"]:
     """The bf16 matmul `x @ w` for a CPU-format weight (bf16 values in f32, stored transposed):
     computed in f32, rounded to and returned in x's dtype; the bf16 matmul's numbers."""
@@ -277,6 +321,8 @@ def moe(
     weight, no row padding, no control flow."""
     n, k = experts.shape
     impl = choose_moe_impl(impl, n, k, num_experts(w_in), experts_split)
+    if impl != "all_experts" and isinstance(w_in, Int8CpuWeight):
+        return moe_int8_grouped(x, gates, experts, w_in, w_gate, w_out)
     if impl != "all_experts" and isinstance(w_in, F32Experts) and _native_rows(n, minimum=1, limit=NATIVE_MOE_TOKENS):
         return moe_grouped(x, gates, experts, w_in, w_gate, w_out)
     if impl == "all_experts":
@@ -392,6 +438,23 @@ def moe_grouped(
     numbers, without its row padding to fixed sizes."""
     order, sizes = _grouped_by_expert(experts, num_experts(w_in))
     grouped = lambda rows, w: native.grouped_matmul_t(rows, sizes, w.values_t)
+    out = expert_ffn_t(x[order // experts.shape[1]], w_in, w_gate, w_out, product=grouped)
+    return _combine_grouped(out, order, gates, experts).astype(x.dtype)
+
+
+def moe_int8_grouped(
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    w_in: Int8CpuWeight,
+    w_gate: Int8CpuWeight,
+    w_out: Int8CpuWeight,
+) -> Float[Array, "n d"]:
+    """Token-expert pairs sorted by expert, each expert's rows times its stacked 8-bit weights in one
+    grouped call per weight (`int8_matmul`): the int8 CPU format, any number of tokens. Every
+    selected expert's weights are read once, unselected ones never; `moe_ragged`'s numbers."""
+    order, sizes = _grouped_by_expert(experts, num_experts(w_in))
+    grouped = lambda rows, w: int8_matmul(rows, w, sizes)
     out = expert_ffn_t(x[order // experts.shape[1]], w_in, w_gate, w_out, product=grouped)
     return _combine_grouped(out, order, gates, experts).astype(x.dtype)
 

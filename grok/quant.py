@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jaxtyping import Array, Int8, Shaped
 
@@ -159,8 +160,6 @@ def _to_f32_t(w: QuantizedWeight8bit | Array) -> Array:
 
 def quantize(value: np.ndarray, blocks: int = 1) -> QuantizedWeight8bit:
     """Symmetric int8 quantization of a float [..., in, out] array with `blocks` row blocks (NumPy)."""
-    import ml_dtypes
-
     value = np.asarray(value, np.float32)
     *lead, n_in, n_out = value.shape
     if n_in % blocks:
@@ -170,3 +169,49 @@ def quantize(value: np.ndarray, blocks: int = 1) -> QuantizedWeight8bit:
     safe = np.where(scales == 0, 1, scales.astype(np.float32))[..., None, :]
     weight = np.clip(np.round(grouped / safe), -127, 127).astype(np.int8).reshape(value.shape)
     return QuantizedWeight8bit(weight=weight, scales=scales)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Int8CpuWeight(QuantizedWeight8bit):
+    """A released 8-bit weight, the same int8 and bf16 arrays, marked for the native CPU kernels
+    (`grok.native.int8_matmul`), which read it as stored: the int8 CPU format, 1 byte per weight.
+
+    Only a model on one CPU device holds these (`grok.model.cpu_int8_params`); anything that does
+    not know the class sees a `QuantizedWeight8bit` and dequantizes it with XLA.
+    """
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class BF16Table:
+    """The embedding table [V, D] rounded to bf16 once and kept so (the int8 CPU format): both its
+    uses only see bf16 values (rows cast to bf16; the tied output projection, a bf16 matmul), and
+    the output projection reads 2 bytes per element instead of the f32 table's 4."""
+
+    value: Shaped[Array, "v d"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+
+def to_int8_cpu_weight(w: QuantizedWeight8bit) -> Int8CpuWeight:
+    """The same arrays on the default device (`device_put`: a NumPy array copied once at most)."""
+    return Int8CpuWeight(weight=jax.device_put(w.weight), scales=jax.device_put(_as_bf16(w.scales)))
+
+
+def to_bf16_table(embeddings: Array) -> BF16Table:
+    """The table rounded to bf16 (to nearest even, as `astype` rounds), on the default device."""
+    return BF16Table(jax.device_put(_as_bf16(embeddings)))
+
+
+def _as_bf16(x: Array) -> Array:
+    """x in bf16; a NumPy array is converted on the host, so only the bf16 copy reaches the device."""
+    if x.dtype == jnp.bfloat16:
+        return x
+    return x.astype(ml_dtypes.bfloat16) if isinstance(x, np.ndarray) else x.astype(jnp.bfloat16)

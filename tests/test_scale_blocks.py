@@ -49,7 +49,6 @@ LAYOUTS = {
     },
 }
 MESHES = {
-    "1 device": lambda: Sharder(load_rules("replicated"), make_mesh(1, 1, jax.devices()[:1])),
     "8 devices": lambda: Sharder(load_rules("tensor_parallel"), make_mesh(1, 8, jax.devices()[:8])),
 }
 TOKENS = np.random.default_rng(3).integers(3, CONFIG.vocab_size, CONFIG.sequence_len).astype(np.int32)
@@ -108,11 +107,9 @@ def reference_logits(checkpoints, sharders):
 # ------------------------------------------------------------------------------------ loading and logits
 
 
-# Every layout on 8 devices, where the block count decides how scales split; on one device the
-# blocks are applied the same way whatever their count, and "mixed" has 1 to 64 of them.
-@pytest.mark.parametrize(
-    "layout,mesh", [(layout, "8 devices") for layout in LAYOUTS] + [("nb1", "1 device"), ("mixed", "1 device")]
-)
+# Every layout on 8 devices, where the block count decides how scales split (one CPU device holds
+# the CPU formats instead: `test_cpu_formats_on_one_device`).
+@pytest.mark.parametrize("layout,mesh", [(layout, "8 devices") for layout in LAYOUTS])
 def test_both_formats_load_and_give_the_logits_of_the_dequantized_weights(
     checkpoints, sharders, reference_logits, layout, mesh
 ):
@@ -175,15 +172,20 @@ def per_row_scales(params: weights.Params) -> weights.Params:
 
 
 @pytest.mark.parametrize("layout", ["nb1", "mixed"])
-def test_cpu_format_on_one_device(checkpoints, layout):
-    """The default on one CPU device: weights dequantized once at load (`model.f32_params`).
+@pytest.mark.parametrize("cpu_format", [None, True], ids=["int8 (default)", "f32"])
+def test_cpu_formats_on_one_device(checkpoints, layout, cpu_format):
+    """One CPU device holds a CPU format: by default the int8 one (`model.cpu_int8_params`, the
+    weights as read, any block count), else the f32 one (`model.f32_params`).
 
-    Its numbers are not bit for bit those of the scanned int8 model, so the reference is the CPU
+    Their numbers are not bit for bit those of the scanned int8 model, so the reference is the same
     format of the same weights with per-row scales (in memory, through `Grok`)."""
     root, params = checkpoints[layout]
-    grok = Grok.from_checkpoint(root / "ckpt-0", CONFIG, progress=False)
-    assert not grok.scan_layers  # the CPU format
-    reference = Grok(CONFIG, per_row_scales(params))
+    grok = Grok.from_checkpoint(root / "ckpt-0", CONFIG, progress=False, cpu_format=cpu_format)
+    assert not grok.scan_layers  # a CPU format
+    if cpu_format is None:
+        scales = grok.params["transformer/decoder_layer_1/moe/linear_1"]["w"].scales
+        np.testing.assert_array_equal(np.asarray(scales), params["transformer/decoder_layer_1/moe/linear_1"]["w"].scales)
+    reference = Grok(CONFIG, per_row_scales(params), cpu_format=cpu_format)
     assert not reference.scan_layers
     np.testing.assert_array_equal(grok.logits(TOKENS.tolist()), reference.logits(TOKENS.tolist()))
 

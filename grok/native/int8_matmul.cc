@@ -1,0 +1,687 @@
+// Products with the released 8-bit weights on the CPU, read as they are stored (int8 [in, out] and
+// bf16 scales [blocks, out]), as XLA FFI custom calls:
+// - GrokInt8Matmul: rows of x (bf16 or f32 values) times one or more 8-bit weights, the rows
+//   grouped by weight (one group per expert of a mixture, or a single group);
+// - GrokBf16MatmulT: rows of bf16 x times a bf16 table [out, in] transposed (the tied output
+//   projection over the embedding table).
+//
+// Numbers (GROK1.md): a weight's value is bf16(bf16(int8) * bf16 scale), the product rounded to
+// bf16; a product is the f32 sum of the exact f32 products of those values with x's. The kernels
+// widen a tile of int8 weights in registers, scale it, round it to bf16 and store it in a packed
+// panel that stays in L1 while every row of x reads it, so each weight is converted once per call
+// however many rows there are. Only the order of the f32 additions differs from XLA's dot.
+//
+// Three instruction sets, chosen by the caller (`isa` attribute):
+//   2 AVX-512 with BF16: the panel holds bf16 pairs (rows i, i+1 of a column) for vdpbf16ps,
+//     32 multiply-adds per instruction, when x is bf16; an f32 panel and FMAs when x is f32;
+//   1 AVX2 + FMA: an f32 panel and FMAs (x converted to f32 once);
+//   0 portable C++ (the same f32 panel, whatever the compiler makes of the loops).
+// Work is split over XLA's intra-op thread pool by output column tiles (and groups), at most
+// `threads` threads (0: the whole pool).
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define GROK_X86 1
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum Isa : int32_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// ---------------------------------------------------------------------------------------------
+// bf16 <-> f32
+// ---------------------------------------------------------------------------------------------
+
+inline float Bf16ToF32(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// f32 -> bf16 bits, rounding to nearest even (the values here are finite).
+inline uint16_t F32ToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float RoundToBf16(float f) { return Bf16ToF32(F32ToBf16(f)); }
+
+// ---------------------------------------------------------------------------------------------
+// Threads: units of work claimed from a shared counter by the caller and pool threads.
+// ---------------------------------------------------------------------------------------------
+
+struct Tasks {
+  std::function<void(int64_t)> run;
+  int64_t count;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Work() {
+    for (int64_t t; (t = next.fetch_add(1)) < count;) {
+      run(t);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Runs run(0..count-1) on the calling thread and up to threads - 1 pool threads (threads 0: as
+// many as the pool has). The caller waits only for claimed units, never for a task not started.
+void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t count, std::function<void(int64_t)> run) {
+  if (count <= 0) return;
+  auto tasks = std::make_shared<Tasks>();
+  tasks->run = std::move(run);
+  tasks->count = count;
+  const int64_t limit = threads > 0 ? std::min<int64_t>(threads, pool.num_threads()) : pool.num_threads();
+  const int64_t helpers = std::min<int64_t>(limit, count) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([tasks] { tasks->Work(); });
+  tasks->Work();
+  while (tasks->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The 8-bit product
+// ---------------------------------------------------------------------------------------------
+
+// One call: groups of x's rows, group g times weight g ([k, n] int8, scales [nb, n] bf16).
+struct Int8Job {
+  int64_t k, n, nb;
+  const int8_t* w;     // [groups, k, n]
+  const uint16_t* s;   // [groups, nb, n]
+  std::vector<int64_t> first, rows;  // per group: first row of x, row count
+  const float* xf = nullptr;         // x as f32 [rows, k] (f32 panels)
+  const uint32_t* xp = nullptr;      // x as bf16 pairs [rows, kp / 2] (bf16 panels), kp = k rounded up to even
+  int64_t kp = 0;
+  float* y;  // [rows, n]
+};
+
+// Weight row i's dequantized values for columns [c0, c0 + nc), rounded to bf16, into out[0..nc),
+// zeros in out[nc..width).
+inline void DequantRowScalar(const Int8Job& job, int64_t g, int64_t i, int64_t c0, int64_t nc, int64_t width,
+                             float* out) {
+  const int8_t* w = job.w + (g * job.k + i) * job.n + c0;
+  const uint16_t* s = job.s + (g * job.nb + i / (job.k / job.nb)) * job.n + c0;
+  for (int64_t c = 0; c < nc; ++c) out[c] = RoundToBf16(static_cast<float>(w[c]) * Bf16ToF32(s[c]));
+  for (int64_t c = nc; c < width; ++c) out[c] = 0.0f;
+}
+
+// A unit of work: one group's rows times the columns [c0, c0 + kUnit) of its weight. Its rows are
+// walked in chunks of kChunk; each chunk's weights are dequantized into a panel (sub-tiles of the
+// code path's register width, kChunk rows of each) that stays in L1 while every row of x reads
+// it. A unit spans 256 bytes of each weight row, so its reads are runs of 4 cache lines: columns
+// of one cache line, walked down 2,048 or more rows, read at a third of the bandwidth.
+constexpr int64_t kUnit = 256, kChunk = 32;
+
+// The unit's f32 accumulators [rows, kUnit] for all rows of a group, and its result columns.
+struct Unit {
+  const Int8Job& job;
+  int64_t g, c0, cols, m;
+  std::vector<float> acc;
+  Unit(const Int8Job& job, int64_t g, int64_t c0)
+      : job(job), g(g), c0(c0), cols(std::min(kUnit, job.n - c0)), m(job.rows[g]), acc(m * kUnit, 0.0f) {}
+  // Valid columns of sub-tile s of width `width`.
+  int64_t Valid(int64_t s, int64_t width) const { return std::clamp<int64_t>(cols - s * width, 0, width); }
+  int64_t Subtiles(int64_t width) const { return (cols + width - 1) / width; }
+  // Asks for the unit's columns of weight rows [i0, i0 + count) to be brought into the caches: the
+  // next chunk's, while this one is computed (the hardware prefetchers do not follow runs of a
+  // few cache lines spaced a whole weight row apart).
+  void Prefetch(int64_t i0, int64_t count) const {
+    for (int64_t i = i0; i < std::min(job.k, i0 + count); ++i) {
+      const int8_t* row = job.w + (g * job.k + i) * job.n + c0;
+      for (int64_t c = 0; c < cols; c += 64) __builtin_prefetch(row + c);
+    }
+  }
+  void Store() const {
+    for (int64_t r = 0; r < m; ++r) std::copy_n(acc.data() + r * kUnit, cols, job.y + (job.first[g] + r) * job.n + c0);
+  }
+};
+
+// ---- portable: sub-tiles of 16 columns ----
+
+constexpr int64_t kPortableWidth = 16;
+
+void Int8UnitPortable(const Int8Job& job, int64_t g, int64_t c0) {
+  constexpr int64_t width = kPortableWidth;
+  Unit unit(job, g, c0);
+  std::vector<float> panel(kUnit * kChunk);  // [sub-tile][row][width]
+  for (int64_t i0 = 0; i0 < job.k; i0 += kChunk) {
+    const int64_t len = std::min(kChunk, job.k - i0);
+    for (int64_t s = 0; s < unit.Subtiles(width); ++s) {
+      float* sub = panel.data() + s * kChunk * width;
+      for (int64_t i = 0; i < len; ++i) DequantRowScalar(job, g, i0 + i, c0 + s * width, unit.Valid(s, width), width, sub + i * width);
+      for (int64_t r = 0; r < unit.m; ++r) {
+        const float* x = job.xf + (job.first[g] + r) * job.k + i0;
+        float* acc = unit.acc.data() + r * kUnit + s * width;
+        for (int64_t i = 0; i < len; ++i)
+          for (int64_t c = 0; c < width; ++c) acc[c] += x[i] * sub[i * width + c];
+      }
+    }
+  }
+  unit.Store();
+}
+
+#ifdef GROK_X86
+
+// ---- AVX2 + FMA: sub-tiles of 32 columns (4 ymm), f32 panel ----
+
+constexpr int64_t kAvx2Width = 32;
+
+__attribute__((target("avx2,fma"))) inline __m256 RoundToBf16Avx2(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd);
+  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void MultiplyAvx2(const float* panel, int64_t len, const float* x, int64_t x_stride,
+                                                       float* acc) {
+  __m256 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) a[r][c] = _mm256_loadu_ps(acc + r * kUnit + 8 * c);
+  for (int64_t i = 0; i < len; ++i) {
+    const float* p = panel + i * kAvx2Width;
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + i);
+      for (int c = 0; c < 4; ++c) a[r][c] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(p + 8 * c), a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(acc + r * kUnit + 8 * c, a[r][c]);
+}
+
+__attribute__((target("avx2,fma"))) void Int8UnitAvx2(const Int8Job& job, int64_t g, int64_t c0) {
+  constexpr int64_t width = kAvx2Width;
+  Unit unit(job, g, c0);
+  alignas(64) float panel[kUnit * kChunk];  // [sub-tile][row][width]
+  const int64_t block = job.k / job.nb, subtiles = unit.Subtiles(width);
+  for (int64_t i0 = 0; i0 < job.k; i0 += kChunk) {
+    const int64_t len = std::min(kChunk, job.k - i0);
+    for (int64_t i = 0; i < len; ++i) {
+      const int8_t* w = job.w + (g * job.k + i0 + i) * job.n + c0;
+      const uint16_t* scales = job.s + (g * job.nb + (i0 + i) / block) * job.n + c0;
+      for (int64_t s = 0; s < subtiles; ++s) {
+        float* out = panel + (s * kChunk + i) * width;
+        if (unit.Valid(s, width) < width) {
+          DequantRowScalar(job, g, i0 + i, c0 + s * width, unit.Valid(s, width), width, out);
+          continue;
+        }
+        for (int c = 0; c < 4; ++c) {
+          const int64_t col = s * width + 8 * c;
+          const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + col)));
+          const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + col)));
+          const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+          _mm256_storeu_ps(out + 8 * c, RoundToBf16Avx2(value));
+        }
+      }
+    }
+    for (int64_t s = 0; s < subtiles; ++s) {
+      for (int64_t r = 0; r < unit.m; r += 3) {
+        const float* x = job.xf + (job.first[g] + r) * job.k + i0;
+        float* acc = unit.acc.data() + r * kUnit + s * width;
+        const float* sub = panel + s * kChunk * width;
+        switch (std::min<int64_t>(3, unit.m - r)) {
+          case 3: MultiplyAvx2<3>(sub, len, x, job.k, acc); break;
+          case 2: MultiplyAvx2<2>(sub, len, x, job.k, acc); break;
+          default: MultiplyAvx2<1>(sub, len, x, job.k, acc); break;
+        }
+      }
+    }
+  }
+  unit.Store();
+}
+
+// ---- AVX-512 (F, BW, VL, BF16): sub-tiles of 64 columns (4 zmm) ----
+
+#define GROK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+constexpr int64_t kAvx512Width = 64;
+constexpr int kAvx512Rows = 6;  // rows of x per register block: 24 accumulators
+
+// Columns [col, col + 64) of weight rows as f32 (int8 times its scale, unrounded), the scales of
+// the current row block held in registers.
+struct RowsAvx512 {
+  const Int8Job& job;
+  int64_t g, col, block, scale_block = -1;
+  __m512 scale[4];
+
+  RowsAvx512(const Int8Job& job, int64_t g, int64_t col) : job(job), g(g), col(col), block(job.k / job.nb) {}
+
+  GROK_AVX512 inline void Row(int64_t i, __m512 out[4]) {
+    if (i / block != scale_block) {
+      scale_block = i / block;
+      const uint16_t* s = job.s + (g * job.nb + scale_block) * job.n + col;
+      for (int c = 0; c < 4; ++c) {
+        const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16 * c)));
+        scale[c] = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+      }
+    }
+    const int8_t* w = job.w + (g * job.k + i) * job.n + col;
+    for (int c = 0; c < 4; ++c) {
+      const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * c)));
+      out[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(q), scale[c]);
+    }
+  }
+};
+
+template <int R>
+GROK_AVX512 void MultiplyPairs(const uint32_t* panel, int64_t pairs, const uint32_t* x, int64_t x_stride, float* acc) {
+  __m512 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + r * kUnit + 16 * c);
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh w[4];
+    for (int c = 0; c < 4; ++c) w[c] = (__m512bh)_mm512_loadu_si512(panel + p * kAvx512Width + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * x_stride + p]));
+      for (int c = 0; c < 4; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], w[c], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + r * kUnit + 16 * c, a[r][c]);
+}
+
+// Rows i and i + 1 of 64 columns as bf16 pairs (the two rows of a column in one 32-bit lane).
+GROK_AVX512 inline void PairsAvx512(RowsAvx512& source, int64_t i, const __m512i& interleave, __m512i out[4]) {
+  __m512 even[4], odd[4];
+  source.Row(i, even);
+  source.Row(i + 1, odd);
+  for (int c = 0; c < 4; ++c) {
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd[c], even[c]);  // words: even 0..15, odd 0..15
+    out[c] = _mm512_permutexvar_epi16(interleave, both);
+  }
+}
+
+alignas(64) constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+// A few rows of bf16 x (decoding), every sub-tile full and `in` even: each pair of weight rows is
+// multiplied straight from registers, with no panel.
+template <int R>
+GROK_AVX512 void Int8UnitAvx512Direct(const Int8Job& job, int64_t g, Unit& unit) {
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const int64_t x_stride = job.kp / 2, pairs_per_chunk = kChunk / 2;
+  for (int64_t s = 0; s < unit.Subtiles(kAvx512Width); ++s) {
+    RowsAvx512 source(job, g, unit.c0 + s * kAvx512Width);
+    const uint32_t* x = job.xp + job.first[g] * x_stride;
+    __m512 a[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
+    for (int64_t p0 = 0; p0 < x_stride; p0 += pairs_per_chunk) {
+      if (s == 0) unit.Prefetch(2 * (p0 + 4 * pairs_per_chunk), 2 * pairs_per_chunk);
+      for (int64_t p = p0; p < std::min(x_stride, p0 + pairs_per_chunk); ++p) {
+        __m512i w[4];
+        PairsAvx512(source, 2 * p, interleave, w);
+        for (int r = 0; r < R; ++r) {
+          const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * x_stride + p]));
+          for (int c = 0; c < 4; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], (__m512bh)w[c], xv);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(unit.acc.data() + r * kUnit + s * kAvx512Width + 16 * c, a[r][c]);
+  }
+}
+
+// bf16 x: a panel of bf16 pairs (rows i, i + 1 of a column in one 32-bit lane) for vdpbf16ps.
+GROK_AVX512 void Int8UnitAvx512Bf16(const Int8Job& job, int64_t g, int64_t c0) {
+  constexpr int64_t width = kAvx512Width, chunk = kChunk / 2;  // pairs per chunk: the same 32 KiB panel
+  Unit unit(job, g, c0);
+  if (unit.m <= 2 && job.k % 2 == 0 && unit.cols % width == 0) {
+    unit.m == 1 ? Int8UnitAvx512Direct<1>(job, g, unit) : Int8UnitAvx512Direct<2>(job, g, unit);
+    return unit.Store();
+  }
+  const int64_t x_stride = job.kp / 2, subtiles = unit.Subtiles(width);
+  alignas(64) uint32_t panel[kUnit * chunk * 2];  // [sub-tile][pair][width]
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  float rows[2][kAvx512Width];
+  for (int64_t p0 = 0; p0 < x_stride; p0 += 2 * chunk) {
+    const int64_t pairs = std::min(2 * chunk, x_stride - p0);
+    unit.Prefetch(2 * (p0 + 2 * chunk), 4 * chunk);
+    for (int64_t s = 0; s < subtiles; ++s) {
+      const int64_t valid = unit.Valid(s, width);
+      RowsAvx512 source(job, g, c0 + s * width);
+      for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t i = 2 * (p0 + p);
+        uint32_t* out = panel + (s * 2 * chunk + p) * width;
+        if (valid < width || i + 1 >= job.k) {  // a partial sub-tile, or the odd last row: scalar
+          DequantRowScalar(job, g, i, c0 + s * width, valid, width, rows[0]);
+          if (i + 1 < job.k) DequantRowScalar(job, g, i + 1, c0 + s * width, valid, width, rows[1]);
+          else std::fill_n(rows[1], width, 0.0f);
+          for (int64_t c = 0; c < width; ++c) out[c] = F32ToBf16(rows[0][c]) | (uint32_t{F32ToBf16(rows[1][c])} << 16);
+          continue;
+        }
+        __m512i lanes[4];
+        PairsAvx512(source, i, interleave, lanes);
+        for (int c = 0; c < 4; ++c) _mm512_store_si512(out + 16 * c, lanes[c]);
+      }
+    }
+    for (int64_t s = 0; s < subtiles; ++s) {
+      const uint32_t* sub = panel + s * 2 * chunk * width;
+      for (int64_t r = 0; r < unit.m; r += kAvx512Rows) {
+        const uint32_t* x = job.xp + (job.first[g] + r) * x_stride + p0;
+        float* acc = unit.acc.data() + r * kUnit + s * width;
+        switch (std::min<int64_t>(kAvx512Rows, unit.m - r)) {
+          case 6: MultiplyPairs<6>(sub, pairs, x, x_stride, acc); break;
+          case 5: MultiplyPairs<5>(sub, pairs, x, x_stride, acc); break;
+          case 4: MultiplyPairs<4>(sub, pairs, x, x_stride, acc); break;
+          case 3: MultiplyPairs<3>(sub, pairs, x, x_stride, acc); break;
+          case 2: MultiplyPairs<2>(sub, pairs, x, x_stride, acc); break;
+          default: MultiplyPairs<1>(sub, pairs, x, x_stride, acc); break;
+        }
+      }
+    }
+  }
+  unit.Store();
+}
+
+template <int R>
+GROK_AVX512 void MultiplyF32(const float* panel, int64_t len, const float* x, int64_t x_stride, float* acc) {
+  __m512 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + r * kUnit + 16 * c);
+  for (int64_t i = 0; i < len; ++i) {
+    __m512 w[4];
+    for (int c = 0; c < 4; ++c) w[c] = _mm512_loadu_ps(panel + i * kAvx512Width + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * x_stride + i]);
+      for (int c = 0; c < 4; ++c) a[r][c] = _mm512_fmadd_ps(xv, w[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + r * kUnit + 16 * c, a[r][c]);
+}
+
+// f32 x (the experts' last product): an f32 panel of the bf16 values, and FMAs.
+GROK_AVX512 void Int8UnitAvx512F32(const Int8Job& job, int64_t g, int64_t c0) {
+  constexpr int64_t width = kAvx512Width;
+  Unit unit(job, g, c0);
+  const int64_t subtiles = unit.Subtiles(width);
+  alignas(64) float panel[kUnit * kChunk];  // [sub-tile][row][width]
+  for (int64_t i0 = 0; i0 < job.k; i0 += kChunk) {
+    const int64_t len = std::min(kChunk, job.k - i0);
+    unit.Prefetch(i0 + kChunk, kChunk);
+    for (int64_t s = 0; s < subtiles; ++s) {
+      RowsAvx512 source(job, g, c0 + s * width);
+      for (int64_t i = 0; i < len; ++i) {
+        float* out = panel + (s * kChunk + i) * width;
+        if (unit.Valid(s, width) < width) {
+          DequantRowScalar(job, g, i0 + i, c0 + s * width, unit.Valid(s, width), width, out);
+          continue;
+        }
+        __m512 v[4];
+        source.Row(i0 + i, v);
+        for (int c = 0; c < 4; ++c) {
+          const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v[c]));
+          _mm512_store_ps(out + 16 * c, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+        }
+      }
+    }
+    for (int64_t s = 0; s < subtiles; ++s) {
+      const float* sub = panel + s * kChunk * width;
+      for (int64_t r = 0; r < unit.m; r += kAvx512Rows) {
+        const float* x = job.xf + (job.first[g] + r) * job.k + i0;
+        float* acc = unit.acc.data() + r * kUnit + s * width;
+        switch (std::min<int64_t>(kAvx512Rows, unit.m - r)) {
+          case 6: MultiplyF32<6>(sub, len, x, job.k, acc); break;
+          case 5: MultiplyF32<5>(sub, len, x, job.k, acc); break;
+          case 4: MultiplyF32<4>(sub, len, x, job.k, acc); break;
+          case 3: MultiplyF32<3>(sub, len, x, job.k, acc); break;
+          case 2: MultiplyF32<2>(sub, len, x, job.k, acc); break;
+          default: MultiplyF32<1>(sub, len, x, job.k, acc); break;
+        }
+      }
+    }
+  }
+  unit.Store();
+}
+
+#endif  // GROK_X86
+
+bool IsaBuilt(int32_t isa) {
+#ifdef GROK_X86
+  return isa == kPortable || isa == kAvx2 || isa == kAvx512;
+#else
+  return isa == kPortable;
+#endif
+}
+
+// y [r, n] (f32) = each group of x's rows [r, k] times its weight: weight [groups, k, n] int8 with
+// scales [groups, nb, n] bf16; group_sizes [groups] rows in order; rows past the groups are zero.
+// A weight whose group is empty is not read.
+ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> group_sizes,
+                      ffi::Buffer<ffi::S8> weight, ffi::Buffer<ffi::BF16> scales, ffi::ResultBuffer<ffi::F32> y,
+                      int32_t isa, int64_t threads) {
+  const auto xd = x.dimensions(), wd = weight.dimensions(), sd = scales.dimensions();
+  const bool x_bf16 = x.element_type() == ffi::DataType::BF16;
+  if (!x_bf16 && x.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("grok_int8_matmul: x must be bf16 or f32");
+  }
+  if (xd.size() != 2 || wd.size() != 3 || sd.size() != 3 || group_sizes.dimensions().size() != 1 ||
+      wd[0] != group_sizes.dimensions()[0] || sd[0] != wd[0] || xd[1] != wd[1] || sd[2] != wd[2] || sd[1] < 1 ||
+      wd[1] % sd[1] != 0) {
+    return ffi::Error::InvalidArgument(
+        "grok_int8_matmul expects x [r, k], group_sizes [g], weight [g, k, n] and scales [g, nb, n] with nb | k");
+  }
+  if (!IsaBuilt(isa)) return ffi::Error::InvalidArgument("grok_int8_matmul: this build lacks the requested isa");
+  Int8Job job;
+  job.k = wd[1];
+  job.n = wd[2];
+  job.nb = sd[1];
+  job.w = weight.typed_data();
+  job.s = scales.typed_data();
+  job.y = y->typed_data();
+  const int64_t rows = xd[0];
+  int64_t total = 0;
+  for (int64_t g = 0; g < wd[0]; ++g) {
+    const int32_t size = group_sizes.typed_data()[g];
+    if (size < 0 || total + size > rows) {
+      return ffi::Error::InvalidArgument("grok_int8_matmul: the groups exceed x's rows");
+    }
+    job.first.push_back(total);
+    job.rows.push_back(size);
+    total += size;
+  }
+  std::fill(job.y + total * job.n, job.y + rows * job.n, 0.0f);
+  if (total == 0 || job.n == 0) return ffi::Error::Success();
+  if (job.k == 0) {
+    std::fill_n(job.y, total * job.n, 0.0f);
+    return ffi::Error::Success();
+  }
+  // x in the form the panels read: bf16 pairs (AVX-512 with bf16 x), else f32.
+  std::vector<float> xf;
+  std::vector<uint16_t> xb;
+  const bool pairs = isa == kAvx512 && x_bf16;
+  if (pairs) {
+    job.kp = job.k + job.k % 2;
+    const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
+    if (job.kp == job.k) {
+      job.xp = reinterpret_cast<const uint32_t*>(src);
+    } else {
+      xb.assign(total * job.kp, 0);
+      for (int64_t r = 0; r < total; ++r) std::copy_n(src + r * job.k, job.k, xb.data() + r * job.kp);
+      job.xp = reinterpret_cast<const uint32_t*>(xb.data());
+    }
+  } else if (x_bf16) {
+    const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
+    xf.resize(total * job.k);
+    for (int64_t i = 0; i < total * job.k; ++i) xf[i] = Bf16ToF32(src[i]);
+    job.xf = xf.data();
+  } else {
+    job.xf = static_cast<const float*>(x.untyped_data());
+  }
+  // Units: (group with rows, column tile).
+  const int64_t tiles = (job.n + kUnit - 1) / kUnit;
+  std::vector<int64_t> groups;
+  for (int64_t g = 0; g < static_cast<int64_t>(job.rows.size()); ++g)
+    if (job.rows[g] > 0) groups.push_back(g);
+  ParallelFor(pool, threads, static_cast<int64_t>(groups.size()) * tiles, [&](int64_t unit) {
+    const int64_t g = groups[unit / tiles], c0 = unit % tiles * kUnit;
+#ifdef GROK_X86
+    if (isa == kAvx512) return pairs ? Int8UnitAvx512Bf16(job, g, c0) : Int8UnitAvx512F32(job, g, c0);
+    if (isa == kAvx2) return Int8UnitAvx2(job, g, c0);
+#endif
+    Int8UnitPortable(job, g, c0);
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bf16 product with a transposed table: y [m, n] = x [m, k] . table [n, k]^T, both bf16.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kTableRowsPerTask = 48;
+
+void TableRowsPortable(const float* x, int64_t m, int64_t k, const uint16_t* table, int64_t j0, int64_t j1, int64_t n,
+                       float* y) {
+  std::vector<float> row(k);
+  for (int64_t j = j0; j < j1; ++j) {
+    for (int64_t t = 0; t < k; ++t) row[t] = Bf16ToF32(table[j * k + t]);
+    for (int64_t r = 0; r < m; ++r) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < k; ++t) sum += x[r * k + t] * row[t];
+      y[r * n + j] = sum;
+    }
+  }
+}
+
+#ifdef GROK_X86
+
+__attribute__((target("avx2,fma"))) inline float HorizontalSum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Three table rows at a time, each converted to f32 in registers; x (f32) in rows of up to 4.
+__attribute__((target("avx2,fma"))) void TableRowsAvx2(const float* x, int64_t m, int64_t k, const uint16_t* table,
+                                                       int64_t j0, int64_t j1, int64_t n, float* y) {
+  const int64_t k8 = k - k % 8;
+  for (int64_t j = j0; j < j1; j += 3) {
+    const int c = static_cast<int>(std::min<int64_t>(3, j1 - j));
+    for (int64_t r0 = 0; r0 < m; r0 += 4) {
+      const int rr = static_cast<int>(std::min<int64_t>(4, m - r0));
+      __m256 a[4][3];
+      for (int r = 0; r < 4; ++r)
+        for (int i = 0; i < 3; ++i) a[r][i] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < k8; t += 8) {
+        __m256 w[3];
+        for (int i = 0; i < c; ++i) {
+          const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table + (j + i) * k + t));
+          w[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        }
+        for (int r = 0; r < rr; ++r) {
+          const __m256 xv = _mm256_loadu_ps(x + (r0 + r) * k + t);
+          for (int i = 0; i < c; ++i) a[r][i] = _mm256_fmadd_ps(xv, w[i], a[r][i]);
+        }
+      }
+      for (int r = 0; r < rr; ++r) {
+        for (int i = 0; i < c; ++i) {
+          float sum = HorizontalSum8(a[r][i]);
+          for (int64_t t = k8; t < k; ++t) sum += x[(r0 + r) * k + t] * Bf16ToF32(table[(j + i) * k + t]);
+          y[(r0 + r) * n + j + i] = sum;
+        }
+      }
+    }
+  }
+}
+
+// Three table rows at a time against up to four rows of x, 32 bf16 per vdpbf16ps; `in` walked in
+// blocks so that later groups of x rows find the table rows' block in L1.
+GROK_AVX512 void TableRowsAvx512(const uint16_t* x, int64_t m, int64_t k, const uint16_t* table, int64_t j0, int64_t j1,
+                                 int64_t n, float* y) {
+  constexpr int64_t kBlock = 1024;
+  std::vector<float> acc(m * 3 * 16);
+  for (int64_t j = j0; j < j1; j += 3) {
+    const int c = static_cast<int>(std::min<int64_t>(3, j1 - j));
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t start = 0; start < k; start += kBlock) {
+      const int64_t end = std::min(k, start + kBlock);
+      for (int64_t r0 = 0; r0 < m; r0 += 4) {
+        const int rr = static_cast<int>(std::min<int64_t>(4, m - r0));
+        __m512 a[4][3];
+        for (int r = 0; r < rr; ++r)
+          for (int i = 0; i < c; ++i) a[r][i] = _mm512_loadu_ps(acc.data() + ((r0 + r) * 3 + i) * 16);
+        for (int64_t t = start; t < end; t += 32) {
+          const __mmask32 mask = end - t >= 32 ? ~__mmask32{0} : (__mmask32{1} << (end - t)) - 1;
+          __m512bh w[3];
+          for (int i = 0; i < c; ++i) w[i] = (__m512bh)_mm512_maskz_loadu_epi16(mask, table + (j + i) * k + t);
+          for (int r = 0; r < rr; ++r) {
+            const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (r0 + r) * k + t);
+            for (int i = 0; i < c; ++i) a[r][i] = _mm512_dpbf16_ps(a[r][i], w[i], xv);
+          }
+        }
+        for (int r = 0; r < rr; ++r)
+          for (int i = 0; i < c; ++i) _mm512_storeu_ps(acc.data() + ((r0 + r) * 3 + i) * 16, a[r][i]);
+      }
+    }
+    for (int64_t r = 0; r < m; ++r)
+      for (int i = 0; i < c; ++i) y[r * n + j + i] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc.data() + (r * 3 + i) * 16));
+  }
+}
+
+#endif  // GROK_X86
+
+ffi::Error Bf16MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> table,
+                       ffi::ResultBuffer<ffi::F32> y, int32_t isa, int64_t threads) {
+  const auto xd = x.dimensions(), td = table.dimensions();
+  if (xd.size() != 2 || td.size() != 2 || xd[1] != td[1]) {
+    return ffi::Error::InvalidArgument("grok_bf16_matmul_t expects x [m, k] and table [n, k]");
+  }
+  if (!IsaBuilt(isa)) return ffi::Error::InvalidArgument("grok_bf16_matmul_t: this build lacks the requested isa");
+  const int64_t m = xd[0], k = xd[1], n = td[0];
+  const uint16_t* xb = x.typed_data();
+  float* out = y->typed_data();
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  std::vector<float> xf;
+  if (isa != kAvx512) {
+    xf.resize(m * k);
+    for (int64_t i = 0; i < m * k; ++i) xf[i] = Bf16ToF32(xb[i]);
+  }
+  const int64_t tasks = (n + kTableRowsPerTask - 1) / kTableRowsPerTask;
+  ParallelFor(pool, threads, tasks, [&](int64_t t) {
+    const int64_t j0 = t * kTableRowsPerTask, j1 = std::min(n, j0 + kTableRowsPerTask);
+#ifdef GROK_X86
+    if (isa == kAvx512) return TableRowsAvx512(xb, m, k, table.typed_data(), j0, j1, n, out);
+    if (isa == kAvx2) return TableRowsAvx2(xf.data(), m, k, table.typed_data(), j0, j1, n, out);
+#endif
+    TableRowsPortable(xf.data(), m, k, table.typed_data(), j0, j1, n, out);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokInt8Matmul, Int8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokBf16MatmulT, Bf16MatmulT,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int64_t>("threads"));
