@@ -61,7 +61,7 @@ def assert_close_to(y, reference, x, w_values):
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 13, 16, 24])
 @pytest.mark.parametrize("k, n, blocks", [(64, 64, 1), (13, 5, 1), (70, 130, 2), (256, 321, 8), (1030, 96, 2)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_int8_product_equals_xla_of_the_rounded_values(isa, m, k, n, blocks, dtype):

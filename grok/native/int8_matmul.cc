@@ -40,6 +40,12 @@ namespace {
 
 enum Isa : int32_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
+// Up to this many rows of f32 x (decoding), AVX-512 splits each into three bf16 rows, whose sum it
+// is exactly, and runs them on the bf16 pair panels: three vdpbf16ps per two weight rows cost less
+// than converting every weight back to f32 for FMAs. With more rows the products dominate and f32
+// FMAs (two per two weight rows) win.
+constexpr int64_t kSplitRows = 16;
+
 // ---------------------------------------------------------------------------------------------
 // bf16 <-> f32
 // ---------------------------------------------------------------------------------------------
@@ -254,22 +260,23 @@ constexpr int kAvx512Rows = 6;  // rows of x per register block: 24 accumulators
 // Columns [col, col + 64) of weight rows as f32 (int8 times its scale, unrounded), the scales of
 // the current row block held in registers.
 struct RowsAvx512 {
-  const Int8Job& job;
-  int64_t g, col, block, scale_block = -1;
+  const Int8Job* job = nullptr;
+  int64_t g = 0, col = 0, block = 1, scale_block = -1;
   __m512 scale[4];
 
-  RowsAvx512(const Int8Job& job, int64_t g, int64_t col) : job(job), g(g), col(col), block(job.k / job.nb) {}
+  RowsAvx512() = default;
+  RowsAvx512(const Int8Job& job, int64_t g, int64_t col) : job(&job), g(g), col(col), block(job.k / job.nb) {}
 
   GROK_AVX512 inline void Row(int64_t i, __m512 out[4]) {
     if (i / block != scale_block) {
       scale_block = i / block;
-      const uint16_t* s = job.s + (g * job.nb + scale_block) * job.n + col;
+      const uint16_t* s = job->s + (g * job->nb + scale_block) * job->n + col;
       for (int c = 0; c < 4; ++c) {
         const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16 * c)));
         scale[c] = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
       }
     }
-    const int8_t* w = job.w + (g * job.k + i) * job.n + col;
+    const int8_t* w = job->w + (g * job->k + i) * job->n + col;
     for (int c = 0; c < 4; ++c) {
       const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * c)));
       out[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(q), scale[c]);
@@ -309,30 +316,36 @@ alignas(64) constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 
                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
 // A few rows of bf16 x (decoding), every sub-tile full and `in` even: each pair of weight rows is
-// multiplied straight from registers, with no panel.
+// multiplied straight from registers, with no panel. Rows go in chunks of kChunk: all sub-tiles of
+// a chunk (8 KiB of weights, in L1 after the first) before the next chunk, whose rows are
+// prefetched meanwhile.
 template <int R>
 GROK_AVX512 void Int8UnitAvx512Direct(const Int8Job& job, int64_t g, Unit& unit) {
   const __m512i interleave = _mm512_load_si512(kInterleave);
-  const int64_t x_stride = job.kp / 2, pairs_per_chunk = kChunk / 2;
-  for (int64_t s = 0; s < unit.Subtiles(kAvx512Width); ++s) {
-    RowsAvx512 source(job, g, unit.c0 + s * kAvx512Width);
-    const uint32_t* x = job.xp + job.first[g] * x_stride;
-    __m512 a[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
-    for (int64_t p0 = 0; p0 < x_stride; p0 += pairs_per_chunk) {
-      if (s == 0) unit.Prefetch(2 * (p0 + 4 * pairs_per_chunk), 2 * pairs_per_chunk);
-      for (int64_t p = p0; p < std::min(x_stride, p0 + pairs_per_chunk); ++p) {
+  const int64_t x_stride = job.kp / 2, pairs_per_chunk = kChunk / 2, subtiles = unit.Subtiles(kAvx512Width);
+  const uint32_t* x = job.xp + job.first[g] * x_stride;
+  RowsAvx512 sources[kUnit / kAvx512Width];
+  for (int64_t s = 0; s < subtiles; ++s) sources[s] = RowsAvx512(job, g, unit.c0 + s * kAvx512Width);
+  unit.Prefetch(0, kChunk);
+  for (int64_t p0 = 0; p0 < x_stride; p0 += pairs_per_chunk) {
+    const int64_t p1 = std::min(x_stride, p0 + pairs_per_chunk);
+    for (int64_t s = 0; s < subtiles; ++s) {
+      float* acc = unit.acc.data() + s * kAvx512Width;
+      __m512 a[R][4];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + r * kUnit + 16 * c);
+      for (int64_t p = p0; p < p1; ++p) {
+        if (s == 0) unit.Prefetch(2 * p + kChunk, 2);
         __m512i w[4];
-        PairsAvx512(source, 2 * p, interleave, w);
+        PairsAvx512(sources[s], 2 * p, interleave, w);
         for (int r = 0; r < R; ++r) {
           const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * x_stride + p]));
           for (int c = 0; c < 4; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], (__m512bh)w[c], xv);
         }
       }
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + r * kUnit + 16 * c, a[r][c]);
     }
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(unit.acc.data() + r * kUnit + s * kAvx512Width + 16 * c, a[r][c]);
   }
 }
 
@@ -340,8 +353,12 @@ GROK_AVX512 void Int8UnitAvx512Direct(const Int8Job& job, int64_t g, Unit& unit)
 GROK_AVX512 void Int8UnitAvx512Bf16(const Int8Job& job, int64_t g, int64_t c0) {
   constexpr int64_t width = kAvx512Width, chunk = kChunk / 2;  // pairs per chunk: the same 32 KiB panel
   Unit unit(job, g, c0);
-  if (unit.m <= 2 && job.k % 2 == 0 && unit.cols % width == 0) {
-    unit.m == 1 ? Int8UnitAvx512Direct<1>(job, g, unit) : Int8UnitAvx512Direct<2>(job, g, unit);
+  if (unit.m <= 3 && job.k % 2 == 0 && unit.cols % width == 0) {
+    switch (unit.m) {
+      case 3: Int8UnitAvx512Direct<3>(job, g, unit); break;
+      case 2: Int8UnitAvx512Direct<2>(job, g, unit); break;
+      default: Int8UnitAvx512Direct<1>(job, g, unit); break;
+    }
     return unit.Store();
   }
   const int64_t x_stride = job.kp / 2, subtiles = unit.Subtiles(width);
@@ -501,11 +518,32 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
     std::fill_n(job.y, total * job.n, 0.0f);
     return ffi::Error::Success();
   }
-  // x in the form the panels read: bf16 pairs (AVX-512 with bf16 x), else f32.
-  std::vector<float> xf;
+  // x in the form the panels read: bf16 pairs (AVX-512 with bf16 x, and with a few rows of f32 x
+  // split into three bf16 rows each), else f32.
+  std::vector<float> xf, y3;
   std::vector<uint16_t> xb;
-  const bool pairs = isa == kAvx512 && x_bf16;
-  if (pairs) {
+  const bool split = isa == kAvx512 && !x_bf16 && total <= kSplitRows;
+  const bool pairs = isa == kAvx512 && (x_bf16 || split);
+  if (split) {
+    job.kp = job.k + job.k % 2;
+    const float* src = static_cast<const float*>(x.untyped_data());
+    xb.assign(3 * total * job.kp, 0);
+    for (int64_t r = 0; r < total; ++r) {
+      for (int64_t i = 0; i < job.k; ++i) {  // x = hi + mid + lo exactly: each rest has fewer bits
+        const uint16_t hi = F32ToBf16(src[r * job.k + i]);
+        const float rest = src[r * job.k + i] - Bf16ToF32(hi);
+        const uint16_t mid = F32ToBf16(rest);
+        xb[(3 * r) * job.kp + i] = hi;
+        xb[(3 * r + 1) * job.kp + i] = mid;
+        xb[(3 * r + 2) * job.kp + i] = F32ToBf16(rest - Bf16ToF32(mid));
+      }
+    }
+    job.xp = reinterpret_cast<const uint32_t*>(xb.data());
+    for (auto& v : job.first) v *= 3;
+    for (auto& v : job.rows) v *= 3;
+    y3.resize(3 * total * job.n);
+    job.y = y3.data();
+  } else if (pairs) {
     job.kp = job.k + job.k % 2;
     const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
     if (job.kp == job.k) {
@@ -536,6 +574,12 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
 #endif
     Int8UnitPortable(job, g, c0);
   });
+  if (split) {  // each row's three parts, added
+    float* out = y->typed_data();
+    for (int64_t r = 0; r < total; ++r)
+      for (int64_t j = 0; j < job.n; ++j)
+        out[r * job.n + j] = (y3[(3 * r) * job.n + j] + y3[(3 * r + 1) * job.n + j]) + y3[(3 * r + 2) * job.n + j];
+  }
   return ffi::Error::Success();
 }
 
@@ -543,7 +587,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
 // The bf16 product with a transposed table: y [m, n] = x [m, k] . table [n, k]^T, both bf16.
 // ---------------------------------------------------------------------------------------------
 
-constexpr int64_t kTableRowsPerTask = 48;
+constexpr int64_t kTableRowsPerTask = 96;
 
 void TableRowsPortable(const float* x, int64_t m, int64_t k, const uint16_t* table, int64_t j0, int64_t j1, int64_t n,
                        float* y) {
@@ -600,37 +644,64 @@ __attribute__((target("avx2,fma"))) void TableRowsAvx2(const float* x, int64_t m
   }
 }
 
-// Three table rows at a time against up to four rows of x, 32 bf16 per vdpbf16ps; `in` walked in
-// blocks so that later groups of x rows find the table rows' block in L1.
+// acc[r][c] (16 partial sums) += x row r . table row c over [start, end), 32 bf16 per vdpbf16ps,
+// the table rows prefetched 1 KiB ahead.
+template <int R, int C>
+GROK_AVX512 void TableBlock(const uint16_t* x, int64_t k, const uint16_t* table, int64_t start, int64_t end,
+                            float* acc) {
+  __m512 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = _mm512_loadu_ps(acc + (r * C + c) * 16);
+  for (int64_t t = start; t < end; t += 32) {
+    const __mmask32 mask = end - t >= 32 ? ~__mmask32{0} : (__mmask32{1} << (end - t)) - 1;
+    __m512bh w[C];
+    for (int c = 0; c < C; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(table + c * k + t) + 1024, _MM_HINT_T0);
+      w[c] = (__m512bh)_mm512_maskz_loadu_epi16(mask, table + c * k + t);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * k + t);
+      for (int c = 0; c < C; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], w[c], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + (r * C + c) * 16, a[r][c]);
+}
+
+// Table rows [j0, j1) against every row of x: kC table rows at a time, x in rows of up to 4, `in`
+// walked in blocks so that later groups of x rows find the table rows' block in L1.
 GROK_AVX512 void TableRowsAvx512(const uint16_t* x, int64_t m, int64_t k, const uint16_t* table, int64_t j0, int64_t j1,
                                  int64_t n, float* y) {
   constexpr int64_t kBlock = 1024;
-  std::vector<float> acc(m * 3 * 16);
-  for (int64_t j = j0; j < j1; j += 3) {
-    const int c = static_cast<int>(std::min<int64_t>(3, j1 - j));
+  constexpr int C = 6;
+  std::vector<float> acc(m * C * 16);
+  for (int64_t j = j0; j < j1; j += C) {
+    const int c = static_cast<int>(std::min<int64_t>(C, j1 - j));
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t start = 0; start < k; start += kBlock) {
       const int64_t end = std::min(k, start + kBlock);
       for (int64_t r0 = 0; r0 < m; r0 += 4) {
-        const int rr = static_cast<int>(std::min<int64_t>(4, m - r0));
-        __m512 a[4][3];
-        for (int r = 0; r < rr; ++r)
-          for (int i = 0; i < c; ++i) a[r][i] = _mm512_loadu_ps(acc.data() + ((r0 + r) * 3 + i) * 16);
-        for (int64_t t = start; t < end; t += 32) {
-          const __mmask32 mask = end - t >= 32 ? ~__mmask32{0} : (__mmask32{1} << (end - t)) - 1;
-          __m512bh w[3];
-          for (int i = 0; i < c; ++i) w[i] = (__m512bh)_mm512_maskz_loadu_epi16(mask, table + (j + i) * k + t);
-          for (int r = 0; r < rr; ++r) {
-            const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (r0 + r) * k + t);
-            for (int i = 0; i < c; ++i) a[r][i] = _mm512_dpbf16_ps(a[r][i], w[i], xv);
+        const uint16_t* xr = x + r0 * k;
+        float* ar = acc.data() + r0 * C * 16;
+        const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
+        if (c == C) {
+          switch (rows) {
+            case 4: TableBlock<4, C>(xr, k, table + j * k, start, end, ar); break;
+            case 3: TableBlock<3, C>(xr, k, table + j * k, start, end, ar); break;
+            case 2: TableBlock<2, C>(xr, k, table + j * k, start, end, ar); break;
+            default: TableBlock<1, C>(xr, k, table + j * k, start, end, ar); break;
           }
+        } else {  // the last few table rows, one at a time (accumulators at stride C as above)
+          for (int i = 0; i < c; ++i)
+            for (int r = 0; r < rows; ++r) {
+              float* one = ar + (r * C + i) * 16;
+              TableBlock<1, 1>(xr + r * k, k, table + (j + i) * k, start, end, one);
+            }
         }
-        for (int r = 0; r < rr; ++r)
-          for (int i = 0; i < c; ++i) _mm512_storeu_ps(acc.data() + ((r0 + r) * 3 + i) * 16, a[r][i]);
       }
     }
     for (int64_t r = 0; r < m; ++r)
-      for (int i = 0; i < c; ++i) y[r * n + j + i] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc.data() + (r * 3 + i) * 16));
+      for (int i = 0; i < c; ++i) y[r * n + j + i] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc.data() + (r * C + i) * 16));
   }
 }
 
