@@ -45,6 +45,9 @@ enum Isa : int32_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 // than converting every weight back to f32 for FMAs. With more rows the products dominate and f32
 // FMAs (two per two weight rows) win.
 constexpr int64_t kSplitRows = 16;
+// Up to this many rows, a group's product (bf16 pairs) walks its weight in slabs of rows
+// (`Int8SlabAvx512`); beyond, in column tiles that reuse each dequantized tile for every row.
+constexpr int64_t kSlabRows = 3;
 
 // ---------------------------------------------------------------------------------------------
 // bf16 <-> f32
@@ -349,6 +352,54 @@ GROK_AVX512 void Int8UnitAvx512Direct(const Int8Job& job, int64_t g, Unit& unit)
   }
 }
 
+// A few rows of bf16 x (decoding) times weight rows [i0, i1) (i0 even) of group g, over every
+// column: partial sums into `partial` [R, n_pad] (row stride n_pad, n rounded up to 64). The rows
+// are read as they lie in memory, 16 at a time across the whole width: a column tile walked down
+// thousands of rows a weight row apart would touch a new page per row, and its TLB misses, not
+// the bytes, would set the speed.
+constexpr int64_t kSlabAhead = 24;  // weight rows prefetched ahead
+
+template <int R>
+GROK_AVX512 void Int8SlabAvx512(const Int8Job& job, int64_t g, int64_t i0, int64_t i1, float* partial, int64_t n_pad) {
+  constexpr int64_t width = kAvx512Width, rows_per_step = 16;
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const int64_t x_stride = job.kp / 2;
+  const uint32_t* x = job.xp + job.first[g] * x_stride;
+  float lanes[2][kAvx512Width];
+  for (int64_t ic = i0; ic < i1; ic += rows_per_step) {
+    const int64_t ie = std::min(i1, ic + rows_per_step);
+    for (int64_t col = 0; col < job.n; col += width) {
+      const int64_t valid = std::min(width, job.n - col);
+      __m512 a[R][4];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(partial + r * n_pad + col + 16 * c);
+      RowsAvx512 source(job, g, col);
+      for (int64_t i = ic; i < ie; i += 2) {
+        const int8_t* ahead = job.w + (g * job.k + i + kSlabAhead) * job.n + col;
+        if (i + kSlabAhead + 1 < job.k) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+        if (i + kSlabAhead + 1 < job.k) _mm_prefetch(reinterpret_cast<const char*>(ahead + job.n), _MM_HINT_T0);
+        __m512i w[4];
+        if (valid == width && i + 1 < job.k) {
+          PairsAvx512(source, i, interleave, w);
+        } else {  // a partial tile, or the odd last row: scalar
+          DequantRowScalar(job, g, i, col, valid, width, lanes[0]);
+          if (i + 1 < job.k) DequantRowScalar(job, g, i + 1, col, valid, width, lanes[1]);
+          else std::fill_n(lanes[1], width, 0.0f);
+          alignas(64) uint32_t packed[kAvx512Width];
+          for (int64_t c = 0; c < width; ++c) packed[c] = F32ToBf16(lanes[0][c]) | (uint32_t{F32ToBf16(lanes[1][c])} << 16);
+          for (int c = 0; c < 4; ++c) w[c] = _mm512_load_si512(packed + 16 * c);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * x_stride + i / 2]));
+          for (int c = 0; c < 4; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], (__m512bh)w[c], xv);
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(partial + r * n_pad + col + 16 * c, a[r][c]);
+    }
+  }
+}
+
 // bf16 x: a panel of bf16 pairs (rows i, i + 1 of a column in one 32-bit lane) for vdpbf16ps.
 GROK_AVX512 void Int8UnitAvx512Bf16(const Int8Job& job, int64_t g, int64_t c0) {
   constexpr int64_t width = kAvx512Width, chunk = kChunk / 2;  // pairs per chunk: the same 32 KiB panel
@@ -561,19 +612,59 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
   } else {
     job.xf = static_cast<const float*>(x.untyped_data());
   }
-  // Units: (group with rows, column tile).
-  const int64_t tiles = (job.n + kUnit - 1) / kUnit;
-  std::vector<int64_t> groups;
-  for (int64_t g = 0; g < static_cast<int64_t>(job.rows.size()); ++g)
-    if (job.rows[g] > 0) groups.push_back(g);
-  ParallelFor(pool, threads, static_cast<int64_t>(groups.size()) * tiles, [&](int64_t unit) {
-    const int64_t g = groups[unit / tiles], c0 = unit % tiles * kUnit;
+  // Units of work: a group of a few rows (decoding, bf16 pairs) in slabs of weight rows, whose
+  // partial sums are added afterwards, in slab order; any other group in column tiles.
+  struct Work {
+    int64_t g, start;  // a slab's first weight row, or a column tile's first column
+    bool slab;
+  };
+  const int64_t tiles = (job.n + kUnit - 1) / kUnit, n_pad = (job.n + 63) / 64 * 64;
+  const int64_t slabs = std::clamp<int64_t>(job.k / 256, 1, 8), slab_rows = ((job.k + slabs - 1) / slabs + 15) / 16 * 16;
+  std::vector<Work> work;
+  std::vector<int64_t> slab_groups;
+  for (int64_t g = 0; g < static_cast<int64_t>(job.rows.size()); ++g) {
+    if (job.rows[g] == 0) continue;
+    if (pairs && job.rows[g] <= kSlabRows) {
+      slab_groups.push_back(g);
+      for (int64_t i = 0; i < job.k; i += slab_rows) work.push_back({g, i, true});
+    } else {
+      for (int64_t t = 0; t < tiles; ++t) work.push_back({g, t * kUnit, false});
+    }
+  }
+  // Partial sums of the slabs: [work item][rows of its group][n_pad].
+  std::vector<int64_t> offset(work.size(), 0);
+  int64_t partial_size = 0;
+  for (size_t u = 0; u < work.size(); ++u)
+    if (work[u].slab) offset[u] = partial_size, partial_size += job.rows[work[u].g] * n_pad;
+  std::vector<float> partial(partial_size, 0.0f);
+  ParallelFor(pool, threads, static_cast<int64_t>(work.size()), [&](int64_t u) {
+    const Work& item = work[u];
 #ifdef GROK_X86
-    if (isa == kAvx512) return pairs ? Int8UnitAvx512Bf16(job, g, c0) : Int8UnitAvx512F32(job, g, c0);
-    if (isa == kAvx2) return Int8UnitAvx2(job, g, c0);
+    if (item.slab) {
+      const int64_t end = std::min(job.k, item.start + slab_rows);
+      float* out = partial.data() + offset[u];
+      switch (job.rows[item.g]) {
+        case 3: return Int8SlabAvx512<3>(job, item.g, item.start, end, out, n_pad);
+        case 2: return Int8SlabAvx512<2>(job, item.g, item.start, end, out, n_pad);
+        default: return Int8SlabAvx512<1>(job, item.g, item.start, end, out, n_pad);
+      }
+    }
+    if (isa == kAvx512) return pairs ? Int8UnitAvx512Bf16(job, item.g, item.start) : Int8UnitAvx512F32(job, item.g, item.start);
+    if (isa == kAvx2) return Int8UnitAvx2(job, item.g, item.start);
 #endif
-    Int8UnitPortable(job, g, c0);
+    Int8UnitPortable(job, item.g, item.start);
   });
+  for (int64_t g : slab_groups) {  // the slabs' sums, in order
+    for (int64_t r = 0; r < job.rows[g]; ++r) {
+      float* out = job.y + (job.first[g] + r) * job.n;
+      std::fill_n(out, job.n, 0.0f);
+      for (size_t u = 0; u < work.size(); ++u) {
+        if (!work[u].slab || work[u].g != g) continue;
+        const float* part = partial.data() + offset[u] + r * n_pad;
+        for (int64_t j = 0; j < job.n; ++j) out[j] += part[j];
+      }
+    }
+  }
   if (split) {  // each row's three parts, added
     float* out = y->typed_data();
     for (int64_t r = 0; r < total; ++r)
