@@ -199,16 +199,22 @@ template <int R>
 __attribute__((target("avx2,fma"))) void MultiplyAvx2(const float* panel, int64_t len, const float* x, int64_t x_stride,
                                                        float* acc) {
   __m256 a[R][4];
+  #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 32
     for (int c = 0; c < 4; ++c) a[r][c] = _mm256_loadu_ps(acc + r * kUnit + 8 * c);
   for (int64_t i = 0; i < len; ++i) {
     const float* p = panel + i * kAvx2Width;
+    #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + i);
+      #pragma GCC unroll 32
       for (int c = 0; c < 4; ++c) a[r][c] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(p + 8 * c), a[r][c]);
     }
   }
+  #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 32
     for (int c = 0; c < 4; ++c) _mm256_storeu_ps(acc + r * kUnit + 8 * c, a[r][c]);
 }
 
@@ -228,6 +234,7 @@ __attribute__((target("avx2,fma"))) void Int8UnitAvx2(const Int8Job& job, int64_
           DequantRowScalar(job, g, i0 + i, c0 + s * width, unit.Valid(s, width), width, out);
           continue;
         }
+        #pragma GCC unroll 32
         for (int c = 0; c < 4; ++c) {
           const int64_t col = s * width + 8 * c;
           const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + col)));
@@ -274,12 +281,14 @@ struct RowsAvx512 {
     if (i / block != scale_block) {
       scale_block = i / block;
       const uint16_t* s = job->s + (g * job->nb + scale_block) * job->n + col;
+      #pragma GCC unroll 32
       for (int c = 0; c < 4; ++c) {
         const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16 * c)));
         scale[c] = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
       }
     }
     const int8_t* w = job->w + (g * job->k + i) * job->n + col;
+    #pragma GCC unroll 32
     for (int c = 0; c < 4; ++c) {
       const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * c)));
       out[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(q), scale[c]);
@@ -290,17 +299,24 @@ struct RowsAvx512 {
 template <int R>
 GROK_AVX512 void MultiplyPairs(const uint32_t* panel, int64_t pairs, const uint32_t* x, int64_t x_stride, float* acc) {
   __m512 a[R][4];
+  #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 32
     for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + r * kUnit + 16 * c);
   for (int64_t p = 0; p < pairs; ++p) {
     __m512bh w[4];
+    #pragma GCC unroll 32
     for (int c = 0; c < 4; ++c) w[c] = (__m512bh)_mm512_loadu_si512(panel + p * kAvx512Width + 16 * c);
+    #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * x_stride + p]));
+      #pragma GCC unroll 32
       for (int c = 0; c < 4; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], w[c], xv);
     }
   }
+  #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 32
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + r * kUnit + 16 * c, a[r][c]);
 }
 
@@ -309,6 +325,7 @@ GROK_AVX512 inline void PairsAvx512(RowsAvx512& source, int64_t i, const __m512i
   __m512 even[4], odd[4];
   source.Row(i, even);
   source.Row(i + 1, odd);
+  #pragma GCC unroll 32
   for (int c = 0; c < 4; ++c) {
     const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd[c], even[c]);  // words: even 0..15, odd 0..15
     out[c] = _mm512_permutexvar_epi16(interleave, both);
@@ -335,18 +352,24 @@ GROK_AVX512 void Int8UnitAvx512Direct(const Int8Job& job, int64_t g, Unit& unit)
     for (int64_t s = 0; s < subtiles; ++s) {
       float* acc = unit.acc.data() + s * kAvx512Width;
       __m512 a[R][4];
+      #pragma GCC unroll 32
       for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 32
         for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + r * kUnit + 16 * c);
       for (int64_t p = p0; p < p1; ++p) {
         if (s == 0) unit.Prefetch(2 * p + kChunk, 2);
         __m512i w[4];
         PairsAvx512(sources[s], 2 * p, interleave, w);
+        #pragma GCC unroll 32
         for (int r = 0; r < R; ++r) {
           const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * x_stride + p]));
+          #pragma GCC unroll 32
           for (int c = 0; c < 4; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], (__m512bh)w[c], xv);
         }
       }
+      #pragma GCC unroll 32
       for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 32
         for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + r * kUnit + 16 * c, a[r][c]);
     }
   }
@@ -371,7 +394,9 @@ GROK_AVX512 void Int8SlabAvx512(const Int8Job& job, int64_t g, int64_t i0, int64
     for (int64_t col = 0; col < job.n; col += width) {
       const int64_t valid = std::min(width, job.n - col);
       __m512 a[R][4];
+      #pragma GCC unroll 32
       for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 32
         for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(partial + r * n_pad + col + 16 * c);
       RowsAvx512 source(job, g, col);
       for (int64_t i = ic; i < ie; i += 2) {
@@ -387,14 +412,19 @@ GROK_AVX512 void Int8SlabAvx512(const Int8Job& job, int64_t g, int64_t i0, int64
           else std::fill_n(lanes[1], width, 0.0f);
           alignas(64) uint32_t packed[kAvx512Width];
           for (int64_t c = 0; c < width; ++c) packed[c] = F32ToBf16(lanes[0][c]) | (uint32_t{F32ToBf16(lanes[1][c])} << 16);
+          #pragma GCC unroll 32
           for (int c = 0; c < 4; ++c) w[c] = _mm512_load_si512(packed + 16 * c);
         }
+        #pragma GCC unroll 32
         for (int r = 0; r < R; ++r) {
           const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * x_stride + i / 2]));
+          #pragma GCC unroll 32
           for (int c = 0; c < 4; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], (__m512bh)w[c], xv);
         }
       }
+      #pragma GCC unroll 32
       for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 32
         for (int c = 0; c < 4; ++c) _mm512_storeu_ps(partial + r * n_pad + col + 16 * c, a[r][c]);
     }
   }
@@ -434,6 +464,7 @@ GROK_AVX512 void Int8UnitAvx512Bf16(const Int8Job& job, int64_t g, int64_t c0) {
         }
         __m512i lanes[4];
         PairsAvx512(source, i, interleave, lanes);
+        #pragma GCC unroll 32
         for (int c = 0; c < 4; ++c) _mm512_store_si512(out + 16 * c, lanes[c]);
       }
     }
@@ -459,17 +490,24 @@ GROK_AVX512 void Int8UnitAvx512Bf16(const Int8Job& job, int64_t g, int64_t c0) {
 template <int R>
 GROK_AVX512 void MultiplyF32(const float* panel, int64_t len, const float* x, int64_t x_stride, float* acc) {
   __m512 a[R][4];
+  #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 32
     for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + r * kUnit + 16 * c);
   for (int64_t i = 0; i < len; ++i) {
     __m512 w[4];
+    #pragma GCC unroll 32
     for (int c = 0; c < 4; ++c) w[c] = _mm512_loadu_ps(panel + i * kAvx512Width + 16 * c);
+    #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_set1_ps(x[r * x_stride + i]);
+      #pragma GCC unroll 32
       for (int c = 0; c < 4; ++c) a[r][c] = _mm512_fmadd_ps(xv, w[c], a[r][c]);
     }
   }
+  #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 32
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + r * kUnit + 16 * c, a[r][c]);
 }
 
@@ -492,6 +530,7 @@ GROK_AVX512 void Int8UnitAvx512F32(const Int8Job& job, int64_t g, int64_t c0) {
         }
         __m512 v[4];
         source.Row(i0 + i, v);
+        #pragma GCC unroll 32
         for (int c = 0; c < 4; ++c) {
           const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v[c]));
           _mm512_store_ps(out + 16 * c, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
@@ -711,20 +750,27 @@ __attribute__((target("avx2,fma"))) void TableRowsAvx2(const float* x, int64_t m
     for (int64_t r0 = 0; r0 < m; r0 += 4) {
       const int rr = static_cast<int>(std::min<int64_t>(4, m - r0));
       __m256 a[4][3];
+      #pragma GCC unroll 32
       for (int r = 0; r < 4; ++r)
+        #pragma GCC unroll 32
         for (int i = 0; i < 3; ++i) a[r][i] = _mm256_setzero_ps();
       for (int64_t t = 0; t < k8; t += 8) {
         __m256 w[3];
+        #pragma GCC unroll 32
         for (int i = 0; i < c; ++i) {
           const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table + (j + i) * k + t));
           w[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
         }
+        #pragma GCC unroll 32
         for (int r = 0; r < rr; ++r) {
           const __m256 xv = _mm256_loadu_ps(x + (r0 + r) * k + t);
+          #pragma GCC unroll 32
           for (int i = 0; i < c; ++i) a[r][i] = _mm256_fmadd_ps(xv, w[i], a[r][i]);
         }
       }
+      #pragma GCC unroll 32
       for (int r = 0; r < rr; ++r) {
+        #pragma GCC unroll 32
         for (int i = 0; i < c; ++i) {
           float sum = HorizontalSum8(a[r][i]);
           for (int64_t t = k8; t < k; ++t) sum += x[(r0 + r) * k + t] * Bf16ToF32(table[(j + i) * k + t]);
@@ -741,21 +787,28 @@ template <int R, int C>
 GROK_AVX512 void TableBlock(const uint16_t* x, int64_t k, const uint16_t* table, int64_t start, int64_t end,
                             float* acc) {
   __m512 a[R][C];
+  #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 32
     for (int c = 0; c < C; ++c) a[r][c] = _mm512_loadu_ps(acc + (r * C + c) * 16);
   for (int64_t t = start; t < end; t += 32) {
     const __mmask32 mask = end - t >= 32 ? ~__mmask32{0} : (__mmask32{1} << (end - t)) - 1;
     __m512bh w[C];
+    #pragma GCC unroll 32
     for (int c = 0; c < C; ++c) {
       _mm_prefetch(reinterpret_cast<const char*>(table + c * k + t) + 1024, _MM_HINT_T0);
       w[c] = (__m512bh)_mm512_maskz_loadu_epi16(mask, table + c * k + t);
     }
+    #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * k + t);
+      #pragma GCC unroll 32
       for (int c = 0; c < C; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], w[c], xv);
     }
   }
+  #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 32
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + (r * C + c) * 16, a[r][c]);
 }
 
@@ -783,7 +836,9 @@ GROK_AVX512 void TableRowsAvx512(const uint16_t* x, int64_t m, int64_t k, const 
             default: TableBlock<1, C>(xr, k, table + j * k, start, end, ar); break;
           }
         } else {  // the last few table rows, one at a time (accumulators at stride C as above)
+          #pragma GCC unroll 32
           for (int i = 0; i < c; ++i)
+            #pragma GCC unroll 32
             for (int r = 0; r < rows; ++r) {
               float* one = ar + (r * C + i) * 16;
               TableBlock<1, 1>(xr + r * k, k, table + (j + i) * k, start, end, one);
@@ -792,6 +847,7 @@ GROK_AVX512 void TableRowsAvx512(const uint16_t* x, int64_t m, int64_t k, const 
       }
     }
     for (int64_t r = 0; r < m; ++r)
+      #pragma GCC unroll 32
       for (int i = 0; i < c; ++i) y[r * n + j + i] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc.data() + (r * C + i) * 16));
   }
 }
