@@ -163,8 +163,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @functools.cache
 def model_config(model: str):
-    """The GrokConfig of a --model: the demo preset, or bench_engine.py's default model (its
-    --cache-len, 1024, as sequence_len). Imports grok (and so JAX), but initializes no device."""
+    """The GrokConfig of a --model: the demo preset, or bench_engine.py's default model at
+    vocabulary 8,192 (as before its default became Grok-1's 131,072; its --cache-len, 1024, as
+    sequence_len). Imports grok (and so JAX), but initializes no device."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     if model == "demo":
@@ -174,7 +175,7 @@ def model_config(model: str):
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_engine  # noqa: E402
 
-    return bench_engine.make_config(bench_engine.parse_args([]))
+    return bench_engine.make_config(bench_engine.parse_args(["--vocab", "8192"]))
 
 
 def cache_root() -> Path:

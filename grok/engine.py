@@ -684,11 +684,10 @@ def _prefill_slot(apply, params, memory, slot, tokens, length, reset, settings):
 
     mine = jax.tree.map(row, memory)
     mine = mine._replace(mask=jnp.where(reset, False, mine.mask), step=jnp.where(reset, 0, mine.step))
-    out = apply(params, tokens, mine, length[None])
+    out = apply(params, tokens, mine, length[None], length[None] - 1)  # the logits of the last token only
     new = out.memory
     memory = jax.tree.map(put, memory, new)
-    last = jax.lax.dynamic_index_in_dim(out.logits[0], length - 1, keepdims=True)
-    return _choose(last, new.step, settings), memory
+    return _choose(out.logits[0], new.step, settings), memory
 
 
 def _decode_all(apply, params, memory, tokens, lengths, settings):

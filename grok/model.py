@@ -345,13 +345,16 @@ def forward(
     constrain: Constrain = no_constraint,
     moe_impl: str = "auto",
     scan_layers: bool = True,
+    logits_at: Int[Array, "b"] | None = None,
 ) -> Output:
     """Run a chunk of tokens through the model (inside `hk.transform`).
 
     Each row's chunk starts at position `memory.step[b]` and is right-padded: `lengths[b]` real
     tokens (default: all T), by which the row's step then advances. Without `memory` this is one
     full forward pass from position 0. `constrain(x, name)` pins named activations to a sharding
-    (`grok.sharding.Sharder.constrain`); by default nothing is constrained.
+    (`grok.sharding.Sharder.constrain`); by default nothing is constrained. `logits_at[b]`: only
+    the logits of that index of row b's chunk (logits [b, 1, V]: a prompt's last token, sparing
+    the output projection of every other position); by default those of every position.
     """
     b, t = tokens.shape
     if memory is None:
@@ -388,6 +391,8 @@ def forward(
     h, memory = carry
     new_memory = memory._replace(mask=key_mask, step=memory.step + lengths)
     h = constrain(h, "residual")  # else the D-split unembedding pulls the layers' carry onto `model`
+    if logits_at is not None:
+        h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)
     logits = constrain(in_out_embed.decode(final_norm(h)), "logits")
     return Output(logits=logits, memory=new_memory, hidden=hidden)
 
@@ -399,7 +404,8 @@ def build(
     moe_impl: str = "auto",
     scan_layers: bool = True,
 ) -> hk.Transformed:
-    """`init(rng, tokens)` and `apply(params, tokens, memory=None, lengths=None)` for `config`.
+    """`init(rng, tokens)` and `apply(params, tokens, memory=None, lengths=None, logits_at=None)`
+    for `config` (see `forward`).
 
     - `moe_impl`: "all_experts" (the reference: every expert on every token, whole weights
       dequantized per call), "ragged" (tokens sorted by expert, each selected expert once on its
@@ -411,12 +417,13 @@ def build(
     - `scan_layers`: one `hk.layer_stack` scan (stacked parameters; compile time independent of
       depth) or, if False, unrolled layers over the per-layer (checkpoint) tree. Unrolled, every
       weight is its own buffer: on CPU, XLA copies a scan's slice of the stacked weights before
-      each matmul can use it, which costs more than the matmul. Use with `f32_params` on CPU.
+      each matmul can use it, which costs more than the matmul. Use with `cpu_int8_params` or
+      `f32_params` on CPU.
     """
     ops.choose_moe_impl(moe_impl, 1, 1, 1)  # an unknown name fails here, not inside a trace
 
-    def fn(tokens, memory=None, lengths=None):
-        return forward(config, tokens, memory, lengths, return_hidden, constrain, moe_impl, scan_layers)
+    def fn(tokens, memory=None, lengths=None, logits_at=None):
+        return forward(config, tokens, memory, lengths, return_hidden, constrain, moe_impl, scan_layers, logits_at)
 
     return hk.without_apply_rng(hk.transform(fn))
 

@@ -19,8 +19,8 @@ def params():
     return weights.stack_layers(weights.random_params(CONFIG, 5), CONFIG.num_layers)
 
 
-# Every test runs on both weight formats: 8-bit with scanned layers (the accelerator path) and the
-# CPU format (f32 weights, unrolled layers, one cache array per layer).
+# Every test runs on both CPU weight formats (one CPU device): int8 (the released weights read by the
+# native kernels) and f32; both with unrolled layers, one cache array per layer.
 @pytest.fixture(scope="module", params=[False, True], ids=["int8", "cpu_format"])
 def grok(request, params):
     return Grok(CONFIG, params, ByteTokenizer(), cpu_format=request.param)
@@ -35,6 +35,21 @@ def engine(grok):
 def alone(engine):
     """Each prompt's greedy output with nothing else in the engine."""
     return [engine.generate([Request(p, max_tokens=8, sampling=GREEDY)])[0].token_ids for p in PROMPTS]
+
+
+def test_logits_at_one_position_are_those_of_the_full_output(grok):
+    """`apply(..., logits_at=i)` (the engine's prefill: the last token's logits only) equals row i
+    of every position's logits."""
+    import jax.numpy as jnp
+
+    tokens = jnp.asarray([PROMPTS[3][:12], PROMPTS[1] + [0]], jnp.int32)
+    full = grok.apply(grok.params, tokens).logits
+    at = jnp.asarray([11, 10], jnp.int32)
+    picked = grok.apply(grok.params, tokens, None, None, at).logits
+    assert picked.shape == (2, 1, CONFIG.vocab_size)
+    want = np.asarray(full[jnp.arange(2), at], np.float32)
+    # Equal up to the summation order of a product of 1 row against one of 24 (one bf16 step at most).
+    np.testing.assert_allclose(np.asarray(picked[:, 0], np.float32), want, rtol=0, atol=2**-7 * np.abs(want).max())
 
 
 def test_batch_of_different_lengths_equals_alone(engine, alone):

@@ -163,7 +163,11 @@ def test_logprobs_at_the_end_of_the_context_are_the_model_s(grok):
     logits = grok.logits(prompt)[-1].astype(np.float64)
     logprobs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
     assert [t for t, _ in event.top_logprobs] == list(np.argsort(-logprobs)[:4])
-    assert [lp for _, lp in event.top_logprobs] == pytest.approx(np.sort(logprobs)[::-1][:4], abs=0.05)
+    # The engine's chunks run the products over other row counts than the whole prompt does, so a
+    # logit may round to the neighbouring bf16 value: one step of the top logit's magnitude (0.0625
+    # here) is allowed, not the masked-out tokens' error (0.19 when the mask shifted).
+    step = 2.0 ** (np.floor(np.log2(np.abs(np.sort(logits)[-4:]).max())) - 7)
+    assert [lp for _, lp in event.top_logprobs] == pytest.approx(np.sort(logprobs)[::-1][:4], abs=step + 0.01)
 
 
 def test_prompt_lookup():
