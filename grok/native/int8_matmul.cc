@@ -222,12 +222,19 @@ __attribute__((target("avx2,fma"))) void Int8UnitAvx2(const Int8Job& job, int64_
   constexpr int64_t width = kAvx2Width;
   Unit unit(job, g, c0);
   alignas(64) float panel[kUnit * kChunk];  // [sub-tile][row][width]
+  alignas(32) float scales[kUnit];  // the current row block's scales of the unit's columns
   const int64_t block = job.k / job.nb, subtiles = unit.Subtiles(width);
+  int64_t scale_block = -1;
   for (int64_t i0 = 0; i0 < job.k; i0 += kChunk) {
     const int64_t len = std::min(kChunk, job.k - i0);
+    unit.Prefetch(i0 + kChunk, kChunk);
     for (int64_t i = 0; i < len; ++i) {
       const int8_t* w = job.w + (g * job.k + i0 + i) * job.n + c0;
-      const uint16_t* scales = job.s + (g * job.nb + (i0 + i) / block) * job.n + c0;
+      if ((i0 + i) / block != scale_block) {
+        scale_block = (i0 + i) / block;
+        const uint16_t* row = job.s + (g * job.nb + scale_block) * job.n + c0;
+        for (int64_t c = 0; c < unit.cols; ++c) scales[c] = Bf16ToF32(row[c]);
+      }
       for (int64_t s = 0; s < subtiles; ++s) {
         float* out = panel + (s * kChunk + i) * width;
         if (unit.Valid(s, width) < width) {
@@ -237,9 +244,8 @@ __attribute__((target("avx2,fma"))) void Int8UnitAvx2(const Int8Job& job, int64_
         #pragma GCC unroll 32
         for (int c = 0; c < 4; ++c) {
           const int64_t col = s * width + 8 * c;
-          const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + col)));
           const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + col)));
-          const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+          const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_load_ps(scales + col));
           _mm256_storeu_ps(out + 8 * c, RoundToBf16Avx2(value));
         }
       }
