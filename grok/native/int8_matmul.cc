@@ -787,8 +787,8 @@ __attribute__((target("avx2,fma"))) void TableRowsAvx2(const float* x, int64_t m
   }
 }
 
-// acc[r][c] (16 partial sums) += x row r . table row c over [start, end), 32 bf16 per vdpbf16ps,
-// the table rows prefetched 1 KiB ahead.
+// acc[r][c] (16 partial sums) += x row r . table row c over [start, end), 32 bf16 per vdpbf16ps.
+// (The hardware prefetchers follow these C streams: software prefetching measured 5% slower.)
 template <int R, int C>
 GROK_AVX512 void TableBlock(const uint16_t* x, int64_t k, const uint16_t* table, int64_t start, int64_t end,
                             float* acc) {
@@ -801,10 +801,7 @@ GROK_AVX512 void TableBlock(const uint16_t* x, int64_t k, const uint16_t* table,
     const __mmask32 mask = end - t >= 32 ? ~__mmask32{0} : (__mmask32{1} << (end - t)) - 1;
     __m512bh w[C];
     #pragma GCC unroll 32
-    for (int c = 0; c < C; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(table + c * k + t) + 1024, _MM_HINT_T0);
-      w[c] = (__m512bh)_mm512_maskz_loadu_epi16(mask, table + c * k + t);
-    }
+    for (int c = 0; c < C; ++c) w[c] = (__m512bh)_mm512_maskz_loadu_epi16(mask, table + c * k + t);
     #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * k + t);
