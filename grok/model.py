@@ -467,19 +467,21 @@ def cpu_int8_params(params: dict) -> dict:
     Memory: the checkpoint's bytes, less half the embedding table. For a model on one CPU device,
     with unrolled layers (the per-layer tree, `build(..., scan_layers=False)`), so each layer's
     weights are read in place."""
-    return {path: {name: cpu_int8_leaf(path, name, leaf) for name, leaf in leaves.items()} for path, leaves in params.items()}
+    converted = {path: {name: cpu_int8_leaf(path, name, leaf) for name, leaf in leaves.items()} for path, leaves in params.items()}
+    return jax.device_put(converted)
 
 
 def cpu_int8_leaf(path: str, name: str, leaf):
-    """One parameter of `cpu_int8_params` (for loaders that convert as they read; a converted one
-    is returned as it is)."""
+    """One parameter of `cpu_int8_params`, left where it is: host arrays stay on the host, for a
+    loader that converts as it reads and places each leaf itself (`grok.loader.load_layers`). A
+    converted one is returned as it is."""
     if isinstance(leaf, (Int8CpuWeight, BF16Table)):
         return leaf
     if isinstance(leaf, QuantizedWeight8bit):
         return to_int8_cpu_weight(leaf)
     if path == _EMBEDDINGS:
         return to_bf16_table(leaf)
-    return jnp.array(leaf)  # a copy: never an alias that keeps a loader's host array alive
+    return leaf
 
 
 def _sharder(constrain: Constrain) -> Sharder | None:

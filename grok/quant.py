@@ -201,17 +201,17 @@ class BF16Table:
 
 
 def to_int8_cpu_weight(w: QuantizedWeight8bit) -> Int8CpuWeight:
-    """The same arrays on the default device (`device_put`: a NumPy array copied once at most)."""
-    return Int8CpuWeight(weight=jax.device_put(w.weight), scales=jax.device_put(_as_bf16(w.scales)))
+    """The same arrays, where they are (a loader places host arrays itself), scales in bf16."""
+    return Int8CpuWeight(weight=w.weight, scales=_as_bf16(w.scales))
 
 
 def to_bf16_table(embeddings: Array) -> BF16Table:
-    """The table rounded to bf16 (to nearest even, as `astype` rounds), on the default device."""
-    return BF16Table(jax.device_put(_as_bf16(embeddings)))
+    """The table rounded to bf16 (to nearest even, as `astype` rounds), where it is."""
+    return BF16Table(_as_bf16(embeddings))
 
 
 def _as_bf16(x: Array) -> Array:
-    """x in bf16; a NumPy array is converted on the host, so only the bf16 copy reaches the device."""
+    """x in bf16; a NumPy array is converted on the host, so only the bf16 copy reaches a device."""
     if x.dtype == jnp.bfloat16:
         return x
     return x.astype(ml_dtypes.bfloat16) if isinstance(x, np.ndarray) else x.astype(jnp.bfloat16)

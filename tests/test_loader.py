@@ -89,13 +89,32 @@ def _f32_format(path, name, leaf):
     return model.f32_params({path: {name: leaf}})[path][name]
 
 
-@pytest.mark.parametrize("convert_leaf", [None, _f32_format], ids=["as read", "f32 format"])
+@pytest.mark.parametrize(
+    "convert_leaf", [None, _f32_format, model.cpu_int8_leaf], ids=["as read", "f32 format", "int8 format"]
+)
 def test_load_layers_frees_each_tensor_file_before_reading_the_next(ckpt, monkeypatch, convert_leaf):
     """No earlier tensor file is alive when the next is read: each is dropped once placed (or converted)."""
     live = LiveTensors(monkeypatch)
     loader.load_layers(ckpt, CONFIG, convert=convert_leaf, progress=False)
     assert live.reads == len(weights.flatten(weights.checkpoint_shapes(CONFIG))[0])
     assert live.peak == 0, f"{live.peak} earlier tensor files still held when loading the next"
+
+
+def test_grok_on_one_cpu_loads_the_int8_format_one_file_at_a_time(ckpt, monkeypatch):
+    """`Grok.from_checkpoint` on one CPU device (the default): the int8 CPU format, read per layer,
+    no earlier tensor file alive when the next is read, and the logits of the same weights held
+    in memory."""
+    from grok import Grok
+    from grok.quant import BF16Table, Int8CpuWeight
+
+    live = LiveTensors(monkeypatch)
+    grok = Grok.from_checkpoint(ckpt, CONFIG, progress=False)
+    assert live.peak == 0 and not grok.scan_layers
+    kinds = {type(leaf) for leaf in jax.tree.leaves(grok.params, is_leaf=lambda x: not isinstance(x, dict))}
+    assert Int8CpuWeight in kinds and BF16Table in kinds
+    in_memory = Grok(CONFIG, checkpoint.read_checkpoint(ckpt, CONFIG, progress=False))
+    tokens = [5, 9, 3, 7]
+    np.testing.assert_array_equal(grok.logits(tokens), in_memory.logits(tokens))
 
 
 def test_load_layers_converts_every_leaf_once_with_its_path_and_name(ckpt):
