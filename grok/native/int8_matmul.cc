@@ -6,18 +6,21 @@
 //   projection over the embedding table).
 //
 // Numbers (GROK1.md): a weight's value is bf16(bf16(int8) * bf16 scale), the product rounded to
-// bf16; a product is the f32 sum of the exact f32 products of those values with x's. The kernels
-// widen a tile of int8 weights in registers, scale it, round it to bf16 and store it in a packed
-// panel that stays in L1 while every row of x reads it, so each weight is converted once per call
-// however many rows there are. Only the order of the f32 additions differs from XLA's dot.
+// bf16; a product is the f32 sum of the exact f32 products of those values with x's. Only the
+// order of the f32 additions differs from XLA's dot. The kernels widen int8 weights in registers,
+// scale them and round them to bf16, once per call:
+// - a group of a few rows (decoding) walks its weight in slabs of rows across every column,
+//   multiplying each pair of weight rows straight from registers (`Int8SlabAvx512`);
+// - more rows (prefill, large batches) take column tiles: each chunk of a tile is dequantized into
+//   a packed panel that stays in L1 while every row of x reads it (`Int8UnitAvx512Bf16`, ...).
 //
 // Three instruction sets, chosen by the caller (`isa` attribute):
-//   2 AVX-512 with BF16: the panel holds bf16 pairs (rows i, i+1 of a column) for vdpbf16ps,
-//     32 multiply-adds per instruction, when x is bf16; an f32 panel and FMAs when x is f32;
+//   2 AVX-512 with BF16: bf16 pairs (rows i, i + 1 of a column in one 32-bit lane) for vdpbf16ps,
+//     32 multiply-adds per instruction; f32 x is split into three bf16 rows that sum to it exactly
+//     (a few rows), or multiplied with an f32 panel by FMAs (many rows);
 //   1 AVX2 + FMA: an f32 panel and FMAs (x converted to f32 once);
 //   0 portable C++ (the same f32 panel, whatever the compiler makes of the loops).
-// Work is split over XLA's intra-op thread pool by output column tiles (and groups), at most
-// `threads` threads (0: the whole pool).
+// Work is split over XLA's intra-op thread pool, at most `threads` threads (0: the whole pool).
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define GROK_X86 1
@@ -341,51 +344,6 @@ GROK_AVX512 inline void PairsAvx512(RowsAvx512& source, int64_t i, const __m512i
 alignas(64) constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
-// A few rows of bf16 x (decoding), every sub-tile full and `in` even: each pair of weight rows is
-// multiplied straight from registers, with no panel. Rows go in chunks of kChunk: all sub-tiles of
-// a chunk (8 KiB of weights, in L1 after the first) before the next chunk, whose rows are
-// prefetched meanwhile.
-template <int R>
-GROK_AVX512 void Int8UnitAvx512Direct(const Int8Job& job, int64_t g, Unit& unit) {
-  const __m512i interleave = _mm512_load_si512(kInterleave);
-  const int64_t x_stride = job.kp / 2, pairs_per_chunk = kChunk / 2, subtiles = unit.Subtiles(kAvx512Width);
-  const uint32_t* x = job.xp + job.first[g] * x_stride;
-  RowsAvx512 sources[kUnit / kAvx512Width];
-  for (int64_t s = 0; s < subtiles; ++s) sources[s] = RowsAvx512(job, g, unit.c0 + s * kAvx512Width);
-  unit.Prefetch(0, kChunk);
-  for (int64_t p0 = 0; p0 < x_stride; p0 += pairs_per_chunk) {
-    const int64_t p1 = std::min(x_stride, p0 + pairs_per_chunk);
-    for (int64_t s = 0; s < subtiles; ++s) {
-      float* acc = unit.acc.data() + s * kAvx512Width;
-      __m512 a[R][4];
-      #pragma GCC unroll 32
-      for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 32
-        for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + r * kUnit + 16 * c);
-      for (int64_t p = p0; p < p1; ++p) {
-        if (s == 0) unit.Prefetch(2 * p + kChunk, 2);
-        __m512i w[4];
-        PairsAvx512(sources[s], 2 * p, interleave, w);
-        #pragma GCC unroll 32
-        for (int r = 0; r < R; ++r) {
-          const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * x_stride + p]));
-          #pragma GCC unroll 32
-          for (int c = 0; c < 4; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], (__m512bh)w[c], xv);
-        }
-      }
-      #pragma GCC unroll 32
-      for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 32
-        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + r * kUnit + 16 * c, a[r][c]);
-    }
-  }
-}
-
-// A few rows of bf16 x (decoding) times weight rows [i0, i1) (i0 even) of group g, over every
-// column: partial sums into `partial` [R, n_pad] (row stride n_pad, n rounded up to 64). The rows
-// are read as they lie in memory, 16 at a time across the whole width: a column tile walked down
-// thousands of rows a weight row apart would touch a new page per row, and its TLB misses, not
-// the bytes, would set the speed.
 constexpr int64_t kSlabAhead = 24;  // weight rows prefetched ahead
 
 template <int R>
@@ -440,14 +398,6 @@ GROK_AVX512 void Int8SlabAvx512(const Int8Job& job, int64_t g, int64_t i0, int64
 GROK_AVX512 void Int8UnitAvx512Bf16(const Int8Job& job, int64_t g, int64_t c0) {
   constexpr int64_t width = kAvx512Width, chunk = kChunk / 2;  // pairs per chunk: the same 32 KiB panel
   Unit unit(job, g, c0);
-  if (unit.m <= 3 && job.k % 2 == 0 && unit.cols % width == 0) {
-    switch (unit.m) {
-      case 3: Int8UnitAvx512Direct<3>(job, g, unit); break;
-      case 2: Int8UnitAvx512Direct<2>(job, g, unit); break;
-      default: Int8UnitAvx512Direct<1>(job, g, unit); break;
-    }
-    return unit.Store();
-  }
   const int64_t x_stride = job.kp / 2, subtiles = unit.Subtiles(width);
   alignas(64) uint32_t panel[kUnit * chunk * 2];  // [sub-tile][pair][width]
   const __m512i interleave = _mm512_load_si512(kInterleave);
