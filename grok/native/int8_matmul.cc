@@ -765,6 +765,26 @@ GROK_AVX512 void TableBlock(const uint16_t* x, int64_t k, const uint16_t* table,
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + (r * C + c) * 16, a[r][c]);
 }
 
+// One row of x against table rows [j0, j1): each table row read start to end (one stream), four
+// accumulators in flight.
+GROK_AVX512 void TableRowsAvx512One(const uint16_t* x, int64_t k, const uint16_t* table, int64_t j0, int64_t j1, float* y) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint16_t* row = table + j * k;
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t t = 0;
+    for (; t + 128 <= k; t += 128) {
+      #pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u)
+        a[u] = _mm512_dpbf16_ps(a[u], (__m512bh)_mm512_loadu_si512(row + t + 32 * u), (__m512bh)_mm512_loadu_si512(x + t + 32 * u));
+    }
+    for (; t < k; t += 32) {
+      const __mmask32 mask = k - t >= 32 ? ~__mmask32{0} : (__mmask32{1} << (k - t)) - 1;
+      a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_maskz_loadu_epi16(mask, row + t), (__m512bh)_mm512_maskz_loadu_epi16(mask, x + t));
+    }
+    y[j] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+  }
+}
+
 // Table rows [j0, j1) against every row of x: kC table rows at a time, x in rows of up to 4, `in`
 // walked in blocks so that later groups of x rows find the table rows' block in L1.
 GROK_AVX512 void TableRowsAvx512(const uint16_t* x, int64_t m, int64_t k, const uint16_t* table, int64_t j0, int64_t j1,
@@ -827,6 +847,7 @@ ffi::Error Bf16MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   ParallelFor(pool, threads, tasks, [&](int64_t t) {
     const int64_t j0 = t * kTableRowsPerTask, j1 = std::min(n, j0 + kTableRowsPerTask);
 #ifdef GROK_X86
+    if (isa == kAvx512 && m == 1) return TableRowsAvx512One(xb, k, table.typed_data(), j0, j1, out);
     if (isa == kAvx512) return TableRowsAvx512(xb, m, k, table.typed_data(), j0, j1, n, out);
     if (isa == kAvx2) return TableRowsAvx2(xf.data(), m, k, table.typed_data(), j0, j1, n, out);
 #endif
