@@ -809,9 +809,7 @@ GROK_AVX512 void TableRowsAvx512(const uint16_t* x, int64_t m, int64_t k, const 
             default: TableBlock<1, C>(xr, k, table + j * k, start, end, ar); break;
           }
         } else {  // the last few table rows, one at a time (accumulators at stride C as above)
-          #pragma GCC unroll 32
           for (int i = 0; i < c; ++i)
-            #pragma GCC unroll 32
             for (int r = 0; r < rows; ++r) {
               float* one = ar + (r * C + i) * 16;
               TableBlock<1, 1>(xr + r * k, k, table + (j + i) * k, start, end, one);
@@ -820,7 +818,6 @@ GROK_AVX512 void TableRowsAvx512(const uint16_t* x, int64_t m, int64_t k, const 
       }
     }
     for (int64_t r = 0; r < m; ++r)
-      #pragma GCC unroll 32
       for (int i = 0; i < c; ++i) y[r * n + j + i] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc.data() + (r * C + i) * 16));
   }
 }
