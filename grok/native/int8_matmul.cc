@@ -227,15 +227,15 @@ __attribute__((target("avx2,fma"))) void Int8UnitAvx2(const Int8Job& job, int64_
   alignas(64) float panel[kUnit * kChunk];  // [sub-tile][row][width]
   alignas(32) float scales[kUnit];  // the current row block's scales of the unit's columns
   const int64_t block = job.k / job.nb, subtiles = unit.Subtiles(width);
-  int64_t scale_block = -1;
+  int64_t block_end = 0;  // rows walk upwards: the scales change at block_end
   for (int64_t i0 = 0; i0 < job.k; i0 += kChunk) {
     const int64_t len = std::min(kChunk, job.k - i0);
     unit.Prefetch(i0 + kChunk, kChunk);
     for (int64_t i = 0; i < len; ++i) {
       const int8_t* w = job.w + (g * job.k + i0 + i) * job.n + c0;
-      if ((i0 + i) / block != scale_block) {
-        scale_block = (i0 + i) / block;
-        const uint16_t* row = job.s + (g * job.nb + scale_block) * job.n + c0;
+      if (i0 + i >= block_end) {
+        const uint16_t* row = job.s + (g * job.nb + block_end / block) * job.n + c0;
+        block_end += block;
         for (int64_t c = 0; c < unit.cols; ++c) scales[c] = Bf16ToF32(row[c]);
       }
       for (int64_t s = 0; s < subtiles; ++s) {
@@ -280,16 +280,18 @@ constexpr int kAvx512Rows = 6;  // rows of x per register block: 24 accumulators
 // the current row block held in registers.
 struct RowsAvx512 {
   const Int8Job* job = nullptr;
-  int64_t g = 0, col = 0, block = 1, scale_block = -1;
+  int64_t g = 0, col = 0, block = 1, block_start = 0, block_end = 0;  // rows [start, end) share `scale`
   __m512 scale[4];
 
   RowsAvx512() = default;
   RowsAvx512(const Int8Job& job, int64_t g, int64_t col) : job(&job), g(g), col(col), block(job.k / job.nb) {}
 
   GROK_AVX512 inline void Row(int64_t i, __m512 out[4]) {
-    if (i / block != scale_block) {
-      scale_block = i / block;
-      const uint16_t* s = job->s + (g * job->nb + scale_block) * job->n + col;
+    if (i >= block_end || i < block_start) {  // a division only when the block changes, not per row
+      const int64_t b = i / block;
+      block_start = b * block;
+      block_end = block_start + block;
+      const uint16_t* s = job->s + (g * job->nb + b) * job->n + col;
       #pragma GCC unroll 32
       for (int c = 0; c < 4; ++c) {
         const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16 * c)));
