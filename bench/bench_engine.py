@@ -237,9 +237,7 @@ def step_work(config, engine: str, batch: int, tokens: int, cache_len: int) -> d
         converted = 0 if engine == "f32" else c.num_layers * layer_weights + s["embedding"]
     attention_scores = 4 * n * cache_len * c.num_q_heads * c.key_size  # q.k and p.v over the whole cache
     flops = c.num_layers * n * (2 * s["attention"] + 2 * experts_per_token * s["expert"]) + c.num_layers * attention_scores
-    flops += 2 * batch * s["embedding"]  # logits of the last position (prefill) or every row (decode)
-    if tokens > 1:
-        flops += 2 * (n - batch) * s["embedding"]  # the model computes logits at every position
+    flops += 2 * batch * s["embedding"]  # logits of each row's last position, as the engine computes them
     return {"bytes": bytes_read, "flops": flops, "converted": converted}
 
 
@@ -511,7 +509,9 @@ def run_engine(args, engine: str) -> dict:
         build = model.build(config, moe_impl="auto", scan_layers=False)
     else:
         build = model.build(config, moe_impl="all_experts" if engine == "baseline" else "auto")
-    step = jax.jit(lambda p, tokens, memory: build.apply(p, tokens, memory), donate_argnums=2)
+    # Logits at each row's last token only, as the engine's prefill and decode steps compute them.
+    last = lambda tokens: jnp.full((tokens.shape[0],), tokens.shape[1] - 1, jnp.int32)
+    step = jax.jit(lambda p, tokens, memory: build.apply(p, tokens, memory, logits_at=last(tokens)), donate_argnums=2)
     rng = np.random.default_rng(1)
     result = {"engine": engine, "compile_s": {}, "steps": {}, "machine": {}, "sampling": {}}
     dtype = jnp.bfloat16 if engine == "baseline" else model.cache_dtype()

@@ -316,14 +316,13 @@ def moe(
 ) -> Float[Array, "n d"]:
     """The mixture output computed by strategy `impl` (see `choose_moe_impl`); all follow the same
     precision rules, so they agree up to f32 summation order (an occasional last bf16 bit).
-    Either fast strategy on CPU-format weights for a decode batch (at most NATIVE_MOE_TOKENS tokens)
-    runs as `moe_grouped` where the native kernel is built: the ragged product in one call per
-    weight, no row padding, no control flow."""
+    Either fast strategy runs as `moe_grouped` (the ragged product in one native call per weight,
+    no row padding, no control flow) on the int8 CPU format, and on the f32 CPU format for a decode
+    batch (at most NATIVE_MOE_TOKENS tokens) where its kernel is built."""
     n, k = experts.shape
     impl = choose_moe_impl(impl, n, k, num_experts(w_in), experts_split)
-    if impl != "all_experts" and isinstance(w_in, Int8CpuWeight):
-        return moe_int8_grouped(x, gates, experts, w_in, w_gate, w_out)
-    if impl != "all_experts" and isinstance(w_in, F32Experts) and _native_rows(n, minimum=1, limit=NATIVE_MOE_TOKENS):
+    native_f32 = isinstance(w_in, F32Experts) and _native_rows(n, minimum=1, limit=NATIVE_MOE_TOKENS)
+    if impl != "all_experts" and (isinstance(w_in, Int8CpuWeight) or native_f32):
         return moe_grouped(x, gates, experts, w_in, w_gate, w_out)
     if impl == "all_experts":
         dense = [_all_expert_matrices(w, x.dtype) for w in (w_in, w_gate, w_out)]
@@ -428,33 +427,19 @@ def moe_grouped(
     x: Float[Array, "n d"],
     gates: Float[Array, "n k"],
     experts: Int[Array, "n k"],
-    w_in: F32Experts,
-    w_gate: F32Experts,
-    w_out: F32Experts,
+    w_in: F32Experts | Int8CpuWeight,
+    w_gate: F32Experts | Int8CpuWeight,
+    w_out: F32Experts | Int8CpuWeight,
 ) -> Float[Array, "n d"]:
-    """Token-expert pairs sorted by expert, each expert's rows times its weights by the native
-    kernel (`grok.native.grouped_matmul_t`): CPU-format weights only, and only where the kernel is
-    built. Every selected expert's weights are read once, unselected ones never; `moe_ragged`'s
-    numbers, without its row padding to fixed sizes."""
+    """Token-expert pairs sorted by expert, each expert's rows times its weights in one grouped
+    native call per weight: `int8_matmul` for the int8 CPU format, `grok.native.grouped_matmul_t`
+    for the f32 one (only where that kernel is built). Every selected expert's weights are read
+    once, unselected ones never; `moe_ragged`'s numbers, without its row padding to fixed sizes."""
     order, sizes = _grouped_by_expert(experts, num_experts(w_in))
-    grouped = lambda rows, w: native.grouped_matmul_t(rows, sizes, w.values_t)
-    out = expert_ffn_t(x[order // experts.shape[1]], w_in, w_gate, w_out, product=grouped)
-    return _combine_grouped(out, order, gates, experts).astype(x.dtype)
-
-
-def moe_int8_grouped(
-    x: Float[Array, "n d"],
-    gates: Float[Array, "n k"],
-    experts: Int[Array, "n k"],
-    w_in: Int8CpuWeight,
-    w_gate: Int8CpuWeight,
-    w_out: Int8CpuWeight,
-) -> Float[Array, "n d"]:
-    """Token-expert pairs sorted by expert, each expert's rows times its stacked 8-bit weights in one
-    grouped call per weight (`int8_matmul`): the int8 CPU format, any number of tokens. Every
-    selected expert's weights are read once, unselected ones never; `moe_ragged`'s numbers."""
-    order, sizes = _grouped_by_expert(experts, num_experts(w_in))
-    grouped = lambda rows, w: int8_matmul(rows, w, sizes)
+    if isinstance(w_in, Int8CpuWeight):
+        grouped = lambda rows, w: int8_matmul(rows, w, sizes)
+    else:
+        grouped = lambda rows, w: native.grouped_matmul_t(rows, sizes, w.values_t)
     out = expert_ffn_t(x[order // experts.shape[1]], w_in, w_gate, w_out, product=grouped)
     return _combine_grouped(out, order, gates, experts).astype(x.dtype)
 

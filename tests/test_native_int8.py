@@ -61,12 +61,14 @@ def assert_close_to(y, reference, x, w_values):
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 13, 16, 24])
+@pytest.mark.parametrize("m", [1, 2, 3, 6, 7, 16, 40])
 @pytest.mark.parametrize("k, n, blocks", [(64, 64, 1), (13, 5, 1), (70, 130, 2), (256, 321, 8), (1030, 96, 2)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_int8_product_equals_xla_of_the_rounded_values(isa, m, k, n, blocks, dtype):
-    # k: under and not a multiple of the vector widths, odd (a lone last row of a pair), past the
-    # 32-row panels; n: partial sub-tiles and more than one 256-column unit; 1, 2 and 8 scale blocks.
+    # m: each path's row classes (slabs of 1-3 rows, of up to 6 in registers and up to 32 through a
+    # panel with FMAs, column tiles beyond); k: under and not a multiple of the vector widths, odd
+    # (a lone last row of a pair), past the 32-row panels; n: partial sub-tiles and more than one
+    # 256-column unit; 1, 2 and 8 scale blocks.
     rng = np.random.default_rng(m * 1000 + k)
     w = _weight(rng, k, n, blocks)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
@@ -118,6 +120,22 @@ def test_a_path_the_cpu_lacks_or_an_unknown_one_is_refused(monkeypatch):
         native.isa()
     monkeypatch.delenv(native.ISA_VARIABLE)
     assert native.isa() == "portable"  # the best this (pretend) CPU has
+
+
+def test_between_the_avx512_paths_the_measured_bf16_dot_cost_decides(monkeypatch):
+    monkeypatch.delenv(native.ISA_VARIABLE, raising=False)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset(native.ISA_CPU_FLAGS["avx512"] + ("avx2", "fma")))
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native, "bf16_dot_cost", lambda: 1.0)  # AMD Zen 4: a vdpbf16ps costs one FMA
+    assert native.isa() == "avx512"
+    monkeypatch.setattr(native, "bf16_dot_cost", lambda: 4.0)  # a Xeon: four
+    assert native.isa() == "avx512-fma"
+
+
+@needs_kernels
+@pytest.mark.skipif("avx512" not in _paths(), reason="the CPU lacks AVX-512 BF16")
+def test_the_bf16_dot_cost_is_measured():
+    assert 0.1 < native.bf16_dot_cost() < 100
 
 
 @needs_kernels

@@ -8,8 +8,9 @@ Two libraries:
 - `int8_matmul.cc`, for the released 8-bit weights read as stored: `int8_matmul`, rows of bf16 or
   f32 values times int8 weights with bf16 scales (one weight, or one per group of rows: the
   experts of a mixture), and `bf16_matmul_t`, bf16 rows times a bf16 table transposed (the tied
-  output projection). Each has three code paths, AVX-512 with BF16, AVX2 with FMA and portable
-  C++, chosen at run time by `isa()` (`int8_available()`).
+  output projection). Each has four code paths, chosen at run time by `isa()`
+  (`int8_available()`): AVX-512 with BF16 multiplying bf16 pairs (`vdpbf16ps`), the same
+  multiplying in f32 with FMAs (for CPUs whose `vdpbf16ps` is slow), AVX2 with FMA, and portable C++.
 
 Both need a C++17 compiler (`$CXX`, default `g++`). Where a library cannot be built, or
 `GROK_NATIVE_KERNELS=0`, its `available` function is False and callers use XLA's ops: the same
@@ -48,12 +49,16 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 INT8_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 # `isa()`'s names, in the code's numbering, and the /proc/cpuinfo flags each needs.
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512-fma": 3}
 ISA_CPU_FLAGS = {
     "portable": (),
     "avx2": ("avx2", "fma"),
     "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+    "avx512-fma": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
 }
+# "avx512" does one vdpbf16ps where "avx512-fma" does two FMAs: it is chosen where a vdpbf16ps
+# costs less than this many FMAs (measured: 4 on an Intel Xeon, Emerald Rapids).
+BF16_DOT_COST_LIMIT = 2.0
 ISA_VARIABLE = "GROK_NATIVE_ISA"
 
 # From 2 up to this many rows the kernel beats XLA:CPU's dot (measured on a 2-core AMD EPYC
@@ -131,20 +136,35 @@ def _attributes() -> dict:
 
 
 def isa() -> str:
-    """The int8 kernels' code path: `$GROK_NATIVE_ISA` (portable, avx2 or avx512) if set, else the
-    best this CPU has. Read when a computation is traced."""
+    """The int8 kernels' code path: `$GROK_NATIVE_ISA` (portable, avx2, avx512 or avx512-fma) if
+    set, else the best this CPU has: between the two AVX-512 paths, the one `bf16_dot_cost()`
+    favours. Read when a computation is traced."""
     flags = _cpu_flags()
     supported = [name for name, needs in ISA_CPU_FLAGS.items() if all(f in flags for f in needs)]
     if platform.machine().lower() not in ("x86_64", "amd64"):
         supported = ["portable"]
     forced = os.environ.get(ISA_VARIABLE, "").strip().lower()
     if not forced:
+        if "avx512" in supported:
+            return "avx512" if bf16_dot_cost() < BF16_DOT_COST_LIMIT else "avx512-fma"
         return supported[-1]
     if forced not in ISAS:
         raise ValueError(f"${ISA_VARIABLE}={forced!r}: expected one of {', '.join(ISAS)}")
     if forced not in supported:
         raise ValueError(f"${ISA_VARIABLE}={forced}: this CPU lacks {', '.join(ISA_CPU_FLAGS[forced])}")
     return forced
+
+
+@functools.cache
+def bf16_dot_cost() -> float:
+    """How many 16-lane FMAs one vdpbf16ps costs on this CPU, timed once per process (about 10 ms;
+    call only where the CPU has AVX-512 BF16 and `int8_available()`)."""
+    library = _load(HERE / "int8_matmul.cc", INT8_FLAGS)
+    measure = library.GrokBf16DotCost
+    measure.restype = ctypes.c_double
+    cost = measure()
+    log.info("one vdpbf16ps costs %.1f FMAs here", cost)
+    return cost
 
 
 @functools.cache
