@@ -882,11 +882,33 @@ __attribute__((target("avx2,fma"))) void TableRowsAvx2(const float* x, int64_t m
   }
 }
 
-// acc[r][c] (16 partial sums) += x row r . table row c over [start, end), 32 bf16 per vdpbf16ps.
-// (The hardware prefetchers follow these C streams: software prefetching measured 5% slower.)
+// Register blocks of TableRows: acc[r][c] (16 partial sums) += x row r . table row c over
+// [start, end) of `in`, x's rows at stride x_stride and the table's at k.
+//
+// Bf16Pairs: bf16 x, 32 values per vdpbf16ps, kC table rows at a time. (The hardware prefetchers
+// follow these C streams: software prefetching measured 5% slower.)
+struct Bf16Pairs {
+  using X = uint16_t;
+  static constexpr int kC = 6;
+  template <int R, int C>
+  GROK_AVX512 static void Block(const X* x, int64_t x_stride, const uint16_t* table, int64_t k, int64_t start,
+                                int64_t end, float* acc);
+};
+
+// F32Fma (kAvx512Fma): 32 bf16 of the table widened by interleaving zero words, which scrambles
+// `in` within each 32 (kScrambled), then FMAs; x comes as f32 in that order, zero-padded to a
+// multiple of 32.
+struct F32Fma {
+  using X = float;
+  static constexpr int kC = 5;
+  template <int R, int C>
+  GROK_AVX512 static void Block(const X* x, int64_t x_stride, const uint16_t* table, int64_t k, int64_t start,
+                                int64_t end, float* acc);
+};
+
 template <int R, int C>
-GROK_AVX512 void TableBlock(const uint16_t* x, int64_t k, const uint16_t* table, int64_t start, int64_t end,
-                            float* acc) {
+GROK_AVX512 void Bf16Pairs::Block(const uint16_t* x, int64_t x_stride, const uint16_t* table, int64_t k,
+                                  int64_t start, int64_t end, float* acc) {
   __m512 a[R][C];
   #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
@@ -899,7 +921,7 @@ GROK_AVX512 void TableBlock(const uint16_t* x, int64_t k, const uint16_t* table,
     for (int c = 0; c < C; ++c) w[c] = (__m512bh)_mm512_maskz_loadu_epi16(mask, table + c * k + t);
     #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * k + t);
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * x_stride + t);
       #pragma GCC unroll 32
       for (int c = 0; c < C; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], w[c], xv);
     }
@@ -935,12 +957,14 @@ GROK_AVX512 void TableRowsAvx512One(const uint16_t* x, int64_t k, const uint16_t
   }
 }
 
-// Table rows [j0, j1) against every row of x: kC table rows at a time, x in rows of up to 4, `in`
-// walked in blocks so that later groups of x rows find the table rows' block in L1.
-GROK_AVX512 void TableRowsAvx512(const uint16_t* x, int64_t m, int64_t k, const uint16_t* table, int64_t j0, int64_t j1,
-                                 int64_t n, float* y) {
+// Table rows [j0, j1) against every row of x (rows at stride x_stride): Blocks::kC table rows at
+// a time, x in rows of up to 4, `in` walked in blocks so that later groups of x rows find the
+// table rows' block in L1.
+template <class Blocks>
+GROK_AVX512 void TableRows(const typename Blocks::X* x, int64_t x_stride, int64_t m, int64_t k, const uint16_t* table,
+                           int64_t j0, int64_t j1, int64_t n, float* y) {
   constexpr int64_t kBlock = 1024;
-  constexpr int C = 6;
+  constexpr int C = Blocks::kC;
   std::vector<float> acc(m * C * 16);
   for (int64_t j = j0; j < j1; j += C) {
     const int c = static_cast<int>(std::min<int64_t>(C, j1 - j));
@@ -948,22 +972,22 @@ GROK_AVX512 void TableRowsAvx512(const uint16_t* x, int64_t m, int64_t k, const 
     for (int64_t start = 0; start < k; start += kBlock) {
       const int64_t end = std::min(k, start + kBlock);
       for (int64_t r0 = 0; r0 < m; r0 += 4) {
-        const uint16_t* xr = x + r0 * k;
+        const typename Blocks::X* xr = x + r0 * x_stride;
         float* ar = acc.data() + r0 * C * 16;
         const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
+        const uint16_t* rows_j = table + j * k;
         if (c == C) {
           switch (rows) {
-            case 4: TableBlock<4, C>(xr, k, table + j * k, start, end, ar); break;
-            case 3: TableBlock<3, C>(xr, k, table + j * k, start, end, ar); break;
-            case 2: TableBlock<2, C>(xr, k, table + j * k, start, end, ar); break;
-            default: TableBlock<1, C>(xr, k, table + j * k, start, end, ar); break;
+            case 4: Blocks::template Block<4, C>(xr, x_stride, rows_j, k, start, end, ar); break;
+            case 3: Blocks::template Block<3, C>(xr, x_stride, rows_j, k, start, end, ar); break;
+            case 2: Blocks::template Block<2, C>(xr, x_stride, rows_j, k, start, end, ar); break;
+            default: Blocks::template Block<1, C>(xr, x_stride, rows_j, k, start, end, ar); break;
           }
         } else {  // the last few table rows, one at a time (accumulators at stride C as above)
           for (int i = 0; i < c; ++i)
-            for (int r = 0; r < rows; ++r) {
-              float* one = ar + (r * C + i) * 16;
-              TableBlock<1, 1>(xr + r * k, k, table + (j + i) * k, start, end, one);
-            }
+            for (int r = 0; r < rows; ++r)
+              Blocks::template Block<1, 1>(xr + r * x_stride, x_stride, rows_j + i * k, k, start, end,
+                                           ar + (r * C + i) * 16);
         }
       }
     }
@@ -972,11 +996,8 @@ GROK_AVX512 void TableRowsAvx512(const uint16_t* x, int64_t m, int64_t k, const 
   }
 }
 
-// With FMAs (kAvx512Fma): acc[r][c] += x row r . table row c over [start, end), 32 bf16 of the table
-// widened by interleaving zero words, which scrambles `in` within each 32 (kScrambled): x comes
-// as f32 in that order, zero-padded to a multiple of 32.
 template <int R, int C>
-GROK_AVX512 void TableBlockFma(const float* xs, int64_t kp, const uint16_t* table, int64_t k, int64_t start,
+GROK_AVX512 void F32Fma::Block(const float* xs, int64_t kp, const uint16_t* table, int64_t k, int64_t start,
                                int64_t end, float* acc) {
   const __m512i zero = _mm512_setzero_si512();
   __m512 a[R][C];
@@ -1004,41 +1025,6 @@ GROK_AVX512 void TableBlockFma(const float* xs, int64_t kp, const uint16_t* tabl
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + (r * C + c) * 16, a[r][c]);
 }
 
-// Table rows [j0, j1) against every row of x (f32, scrambled, [m, kp]) with FMAs: kC table rows
-// and 4 rows of x at a time, `in` walked in blocks as in TableRowsAvx512.
-GROK_AVX512 void TableRowsAvx512Fma(const float* xs, int64_t m, int64_t k, int64_t kp, const uint16_t* table,
-                                    int64_t j0, int64_t j1, int64_t n, float* y) {
-  constexpr int64_t kBlock = 1024;
-  constexpr int C = 5;
-  std::vector<float> acc(m * C * 16);
-  for (int64_t j = j0; j < j1; j += C) {
-    const int c = static_cast<int>(std::min<int64_t>(C, j1 - j));
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t start = 0; start < k; start += kBlock) {
-      const int64_t end = std::min(k, start + kBlock);
-      for (int64_t r0 = 0; r0 < m; r0 += 4) {
-        const float* xr = xs + r0 * kp;
-        float* ar = acc.data() + r0 * C * 16;
-        const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
-        if (c == C) {
-          switch (rows) {
-            case 4: TableBlockFma<4, C>(xr, kp, table + j * k, k, start, end, ar); break;
-            case 3: TableBlockFma<3, C>(xr, kp, table + j * k, k, start, end, ar); break;
-            case 2: TableBlockFma<2, C>(xr, kp, table + j * k, k, start, end, ar); break;
-            default: TableBlockFma<1, C>(xr, kp, table + j * k, k, start, end, ar); break;
-          }
-        } else {  // the last few table rows, one at a time (accumulators at stride C as above)
-          for (int i = 0; i < c; ++i)
-            for (int r = 0; r < rows; ++r)
-              TableBlockFma<1, 1>(xr + r * kp, kp, table + (j + i) * k, k, start, end, ar + (r * C + i) * 16);
-        }
-      }
-    }
-    for (int64_t r = 0; r < m; ++r)
-      for (int i = 0; i < c; ++i) y[r * n + j + i] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc.data() + (r * C + i) * 16));
-  }
-}
-
 #endif  // GROK_X86
 
 ffi::Error Bf16MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> table,
@@ -1055,7 +1041,7 @@ ffi::Error Bf16MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   std::vector<float> xf;
   const bool avx512 = isa == kAvx512 || isa == kAvx512Fma, fma = isa == kAvx512Fma && m > 1;
   const int64_t kp = (k + 31) / 32 * 32;
-  if (fma) {  // x as f32 in TableBlockFma's order of `in`, zero-padded
+  if (fma) {  // x as f32 in F32Fma's order of `in`, zero-padded
     xf.assign(m * kp, 0.0f);
     for (int64_t r = 0; r < m; ++r)
       for (int64_t i = 0; i < k; ++i) {
@@ -1070,9 +1056,9 @@ ffi::Error Bf16MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   ParallelFor(pool, threads, tasks, [&](int64_t t) {
     const int64_t j0 = t * kTableRowsPerTask, j1 = std::min(n, j0 + kTableRowsPerTask);
 #ifdef GROK_X86
-    if (fma) return TableRowsAvx512Fma(xf.data(), m, k, kp, table.typed_data(), j0, j1, n, out);
+    if (fma) return TableRows<F32Fma>(xf.data(), kp, m, k, table.typed_data(), j0, j1, n, out);
     if (avx512 && m == 1) return TableRowsAvx512One(xb, k, table.typed_data(), j0, j1, out);
-    if (avx512) return TableRowsAvx512(xb, m, k, table.typed_data(), j0, j1, n, out);
+    if (avx512) return TableRows<Bf16Pairs>(xb, k, m, k, table.typed_data(), j0, j1, n, out);
     if (isa == kAvx2) return TableRowsAvx2(xf.data(), m, k, table.typed_data(), j0, j1, n, out);
 #endif
     TableRowsPortable(xf.data(), m, k, table.typed_data(), j0, j1, n, out);
