@@ -327,13 +327,27 @@ struct RowsAvx512 {
   }
 };
 
+// R rows of 64 f32 accumulators (rows at `stride`) to registers and back.
 template <int R>
-GROK_AVX512 void MultiplyPairs(const uint32_t* panel, int64_t pairs, const uint32_t* x, int64_t x_stride, float* acc) {
-  __m512 a[R][4];
+GROK_AVX512 inline __attribute__((always_inline)) void LoadRows(const float* from, int64_t stride, __m512 (&a)[R][4]) {
   #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
     #pragma GCC unroll 32
-    for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + r * kUnit + 16 * c);
+    for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(from + r * stride + 16 * c);
+}
+
+template <int R>
+GROK_AVX512 inline __attribute__((always_inline)) void StoreRows(const __m512 (&a)[R][4], float* to, int64_t stride) {
+  #pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 32
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(to + r * stride + 16 * c, a[r][c]);
+}
+
+template <int R>
+GROK_AVX512 void MultiplyPairs(const uint32_t* panel, int64_t pairs, const uint32_t* x, int64_t x_stride, float* acc) {
+  __m512 a[R][4];
+  LoadRows<R>(acc, kUnit, a);
   for (int64_t p = 0; p < pairs; ++p) {
     __m512bh w[4];
     #pragma GCC unroll 32
@@ -345,10 +359,7 @@ GROK_AVX512 void MultiplyPairs(const uint32_t* panel, int64_t pairs, const uint3
       for (int c = 0; c < 4; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], w[c], xv);
     }
   }
-  #pragma GCC unroll 32
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 32
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + r * kUnit + 16 * c, a[r][c]);
+  StoreRows<R>(a, acc, kUnit);
 }
 
 // Rows i and i + 1 of 64 columns as bf16 pairs (the two rows of a column in one 32-bit lane).
@@ -380,10 +391,7 @@ GROK_AVX512 void Int8SlabAvx512(const Int8Job& job, int64_t g, int64_t i0, int64
     for (int64_t col = 0; col < job.n; col += width) {
       const int64_t valid = std::min(width, job.n - col);
       __m512 a[R][4];
-      #pragma GCC unroll 32
-      for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 32
-        for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(partial + r * n_pad + col + 16 * c);
+      LoadRows<R>(partial + col, n_pad, a);
       RowsAvx512 source(job, g, col);
       for (int64_t i = ic; i < ie; i += 2) {
         const int8_t* ahead = job.w + (g * job.k + i + kSlabAhead) * job.n + col;
@@ -408,10 +416,7 @@ GROK_AVX512 void Int8SlabAvx512(const Int8Job& job, int64_t g, int64_t i0, int64
           for (int c = 0; c < 4; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], (__m512bh)w[c], xv);
         }
       }
-      #pragma GCC unroll 32
-      for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 32
-        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(partial + r * n_pad + col + 16 * c, a[r][c]);
+      StoreRows<R>(a, partial + col, n_pad);
     }
   }
 }
@@ -457,10 +462,7 @@ GROK_AVX512 void Int8SlabAvx512Fma(const Int8Job& job, int64_t g, int64_t i0, in
     for (int64_t col = 0; col < job.n; col += width) {
       const int64_t valid = std::min(width, job.n - col);
       __m512 a[R][4];
-      #pragma GCC unroll 32
-      for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 32
-        for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(partial + r * n_pad + col + 16 * c);
+      LoadRows<R>(partial + col, n_pad, a);
       RowsAvx512 source(job, g, col);
       for (int64_t i = ic; i < ie; ++i) {
         const int8_t* ahead = job.w + (g * job.k + i + kSlabAhead) * job.n + col;
@@ -480,10 +482,7 @@ GROK_AVX512 void Int8SlabAvx512Fma(const Int8Job& job, int64_t g, int64_t i0, in
           for (int c = 0; c < 4; ++c) a[r][c] = _mm512_fmadd_ps(xv, w[c], a[r][c]);
         }
       }
-      #pragma GCC unroll 32
-      for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 32
-        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(partial + r * n_pad + col + 16 * c, a[r][c]);
+      StoreRows<R>(a, partial + col, n_pad);
     }
   }
   Unscramble(partial, R, n_pad);
@@ -542,10 +541,7 @@ template <int R>
 GROK_AVX512 void MultiplyF32(const float* panel, int64_t len, const float* x, int64_t x_stride, float* acc,
                              int64_t acc_stride) {
   __m512 a[R][4];
-  #pragma GCC unroll 32
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 32
-    for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + r * acc_stride + 16 * c);
+  LoadRows<R>(acc, acc_stride, a);
   for (int64_t i = 0; i < len; ++i) {
     __m512 w[4];
     #pragma GCC unroll 32
@@ -557,10 +553,7 @@ GROK_AVX512 void MultiplyF32(const float* panel, int64_t len, const float* x, in
       for (int c = 0; c < 4; ++c) a[r][c] = _mm512_fmadd_ps(xv, w[c], a[r][c]);
     }
   }
-  #pragma GCC unroll 32
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 32
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + r * acc_stride + 16 * c, a[r][c]);
+  StoreRows<R>(a, acc, acc_stride);
 }
 
 // acc[r] += x[r] . panel for `rows` rows of x, six at a time (24 accumulators).
