@@ -126,9 +126,9 @@ def test_between_the_avx512_paths_the_measured_bf16_dot_cost_decides(monkeypatch
     monkeypatch.delenv(native.ISA_VARIABLE, raising=False)
     monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset(native.ISA_CPU_FLAGS["avx512"] + ("avx2", "fma")))
     monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(native, "bf16_dot_cost", lambda: 1.0)  # AMD Zen 4: a vdpbf16ps costs one FMA
+    monkeypatch.setattr(native, "bf16_dot_cost", lambda: 1.0)  # a vdpbf16ps as cheap as an FMA
     assert native.isa() == "avx512"
-    monkeypatch.setattr(native, "bf16_dot_cost", lambda: 4.0)  # a Xeon: four
+    monkeypatch.setattr(native, "bf16_dot_cost", lambda: 4.0)  # as measured on a Xeon
     assert native.isa() == "avx512-fma"
 
 

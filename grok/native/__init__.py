@@ -50,12 +50,8 @@ INT8_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 # `isa()`'s names, in the code's numbering, and the /proc/cpuinfo flags each needs.
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512-fma": 3}
-ISA_CPU_FLAGS = {
-    "portable": (),
-    "avx2": ("avx2", "fma"),
-    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
-    "avx512-fma": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
-}
+_AVX512_BF16 = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+ISA_CPU_FLAGS = {"portable": (), "avx2": ("avx2", "fma"), "avx512": _AVX512_BF16, "avx512-fma": _AVX512_BF16}
 # "avx512" does one vdpbf16ps where "avx512-fma" does two FMAs: it is chosen where a vdpbf16ps
 # costs less than this many FMAs (measured: 4 on an Intel Xeon, Emerald Rapids).
 BF16_DOT_COST_LIMIT = 2.0

@@ -297,20 +297,19 @@ constexpr int64_t kAvx512Width = 64;
 constexpr int kAvx512Rows = 6;  // rows of x per register block: 24 accumulators
 
 // Columns [col, col + 64) of weight rows as f32 (int8 times its scale, unrounded), the scales of
-// the current row block held in registers.
+// the current row block held in registers. Rows are asked for in increasing order.
 struct RowsAvx512 {
   const Int8Job* job = nullptr;
-  int64_t g = 0, col = 0, block = 1, block_start = 0, block_end = 0;  // rows [start, end) share `scale`
+  int64_t g = 0, col = 0, block = 1, block_end = 0;  // rows up to block_end share `scale`
   __m512 scale[4];
 
   RowsAvx512() = default;
   RowsAvx512(const Int8Job& job, int64_t g, int64_t col) : job(&job), g(g), col(col), block(job.k / job.nb) {}
 
   GROK_AVX512 inline void Row(int64_t i, __m512 out[4]) {
-    if (i >= block_end || i < block_start) {  // a division only when the block changes, not per row
+    if (i >= block_end) {  // a division only when the block changes, not per row
       const int64_t b = i / block;
-      block_start = b * block;
-      block_end = block_start + block;
+      block_end = (b + 1) * block;
       const uint16_t* s = job->s + (g * job->nb + b) * job->n + col;
       #pragma GCC unroll 32
       for (int c = 0; c < 4; ++c) {
@@ -781,7 +780,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
         default: return Int8SlabAvx512<1>(job, item.g, item.start, end, out, n_pad);
       }
     }
-    if (isa == kAvx512 && pairs) return Int8UnitAvx512Bf16(job, item.g, item.start);
+    if (pairs) return Int8UnitAvx512Bf16(job, item.g, item.start);
     if (isa == kAvx512 || isa == kAvx512Fma) return Int8UnitAvx512F32(job, item.g, item.start);
     if (isa == kAvx2) return Int8UnitAvx2(job, item.g, item.start);
 #endif
@@ -1018,6 +1017,29 @@ GROK_AVX512 void F32Fma::Block(const float* xs, int64_t kp, const uint16_t* tabl
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + (r * C + c) * 16, a[r][c]);
 }
 
+// Independent chains of vdpbf16ps, or of FMAs, on registers; returns the seconds taken.
+template <bool kBf16>
+GROK_AVX512 double TimeChains(int64_t steps) {
+  constexpr int kChains = 12;
+  __m512 a[kChains];
+  #pragma GCC unroll 32
+  for (int c = 0; c < kChains; ++c) a[c] = _mm512_set1_ps(static_cast<float>(c));
+  const __m512 w = _mm512_set1_ps(1.0f), x = _mm512_set1_ps(1e-9f);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t t = 0; t < steps; ++t) {
+    #pragma GCC unroll 32
+    for (int c = 0; c < kChains; ++c)
+      a[c] = kBf16 ? _mm512_dpbf16_ps(a[c], (__m512bh)w, (__m512bh)x) : _mm512_fmadd_ps(w, x, a[c]);
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  __m512 sum = a[0];
+  #pragma GCC unroll 32
+  for (int c = 1; c < kChains; ++c) sum = _mm512_add_ps(sum, a[c]);
+  volatile float sink = _mm512_reduce_add_ps(sum);  // every chain is live
+  (void)sink;
+  return seconds;
+}
+
 #endif  // GROK_X86
 
 ffi::Error Bf16MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> table,
@@ -1061,34 +1083,6 @@ ffi::Error Bf16MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
 
 }  // namespace
 
-#ifdef GROK_X86
-namespace {
-
-// Independent chains of vdpbf16ps, or of FMAs, on registers; returns the seconds taken.
-template <bool kBf16>
-GROK_AVX512 double TimeChains(int64_t steps) {
-  constexpr int kChains = 12;
-  __m512 a[kChains];
-  #pragma GCC unroll 32
-  for (int c = 0; c < kChains; ++c) a[c] = _mm512_set1_ps(static_cast<float>(c));
-  const __m512 w = _mm512_set1_ps(1.0f), x = _mm512_set1_ps(1e-9f);
-  const auto start = std::chrono::steady_clock::now();
-  for (int64_t t = 0; t < steps; ++t) {
-    #pragma GCC unroll 32
-    for (int c = 0; c < kChains; ++c)
-      a[c] = kBf16 ? _mm512_dpbf16_ps(a[c], (__m512bh)w, (__m512bh)x) : _mm512_fmadd_ps(w, x, a[c]);
-  }
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  __m512 sum = a[0];
-  #pragma GCC unroll 32
-  for (int c = 1; c < kChains; ++c) sum = _mm512_add_ps(sum, a[c]);
-  volatile float sink = _mm512_reduce_add_ps(sum);  // every chain is live
-  (void)sink;
-  return seconds;
-}
-
-}  // namespace
-#endif
 
 // The time of one vdpbf16ps over one 16-lane FMA, best of a few runs of about a millisecond
 // (call only on a CPU with AVX-512 BF16). kAvx512 does one vdpbf16ps where kAvx512Fma does two
