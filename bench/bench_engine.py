@@ -42,8 +42,8 @@ Output:
 - per engine and phase (prefill of --prompt-len tokens, decode at each --batches size): tokens/s,
   step time, "x f32" (the f32 engine's step time / this one's, same run), the roofline, its
   bound and "% roof" (roofline time / measured time);
-- sampling: the engine's sampling and log-probabilities (`grok.engine._choose`, as a decode step
-  calls `grok.sampling.choose`) jitted alone on [batch, vocab] logits, at each decode batch, for
+- sampling: the engine's sampling and log-probabilities (`grok.serving.programs._choose`, as a decode step
+  calls `grok.serving.sampling.choose`) jitted alone on [batch, vocab] logits, at each decode batch, for
   all-greedy rows and for a mix (the first half of the rows top-p sampled at temperature 0.7,
   top_p 0.95, the rest greedy) on peaked logits (Zipf, whose nucleus lies in the sampler's
   candidates), and the mix on flat logits (standard normal: every sampled row needs the full
@@ -96,7 +96,7 @@ ENGINES = ("int8", "f32", "xla-int8", "baseline")
 DEFAULT_ENGINES = ("int8", "f32")
 PER_LAYER = ("int8", "f32")  # engines on the per-layer (checkpoint) tree with unrolled layers
 # Bytes per cached key or value element: the reference keeps bf16; the engine's cache on CPU is
-# float32 holding the same bf16 values (`grok.model.cache_dtype`).
+# float32 holding the same bf16 values (`grok.model.transformer.cache_dtype`).
 CACHE_BYTES = {"baseline": 2, "xla-int8": 4, "int8": 4, "f32": 4}
 EMBEDDINGS = "language_model/in_out_embed"
 # Sampling: the mixed rows' settings (SamplingParams' defaults) and the peaked logits' Zipf exponent.
@@ -141,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_config(args):
-    from grok.config import GrokConfig
+    from grok.model.config import GrokConfig
 
     return GrokConfig(
         emb_size=args.emb_size, key_size=args.key_size, num_q_heads=args.q_heads, num_kv_heads=args.kv_heads,
@@ -171,9 +171,9 @@ def sizes(config) -> dict[str, int]:
 @functools.cache
 def scale_elements(config) -> dict[str, int]:
     """bf16 scale elements of one layer's attention weights and of one expert's three weights, with
-    the release's scale blocks (`grok.weights.model_shapes`)."""
-    from grok.quant import QuantizedWeight8bit
-    from grok.weights import model_shapes
+    the release's scale blocks (`grok.model.weights.model_shapes`)."""
+    from grok.model.quant import QuantizedWeight8bit
+    from grok.model.weights import model_shapes
 
     out = {"attention": 0, "expert": 0}
     for path, leaves in model_shapes(config).items():
@@ -189,12 +189,12 @@ def scale_elements(config) -> dict[str, int]:
 
 @functools.cache
 def checkpoint_bytes(config) -> dict[str, int]:
-    """Bytes of the released checkpoint of `config` (`grok.weights.checkpoint_shapes`): int8 weights,
+    """Bytes of the released checkpoint of `config` (`grok.model.weights.checkpoint_shapes`): int8 weights,
     their bf16 scales, the f32 embedding table, and the other f32 leaves (norms, router)."""
     import numpy as np
 
-    from grok.quant import QuantizedWeight8bit
-    from grok.weights import checkpoint_shapes
+    from grok.model.quant import QuantizedWeight8bit
+    from grok.model.weights import checkpoint_shapes
 
     out = {"int8": 0, "scales": 0, "embedding": 0, "other": 0}
     for path, leaves in checkpoint_shapes(config).items():
@@ -273,7 +273,7 @@ def measure_machine(bf16: bool = False) -> dict[str, float]:
     import jax.numpy as jnp
     import numpy as np
 
-    from grok.quant import QuantizedWeight8bit, dequantize_to_f32
+    from grok.model.quant import QuantizedWeight8bit, dequantize_to_f32
 
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((4096, 8192), np.float32))  # 128 MiB
@@ -373,7 +373,7 @@ def random_leaf(rng, leaf, name: str):
     import ml_dtypes
     import numpy as np
 
-    from grok.quant import QuantizedWeight8bit
+    from grok.model.quant import QuantizedWeight8bit
 
     if isinstance(leaf, QuantizedWeight8bit):
         n_in = leaf.weight.shape[-2]
@@ -392,7 +392,7 @@ def random_weights(config, seed: int = 0):
     (bench_scheduling's model)."""
     import numpy as np
 
-    from grok.weights import model_shapes
+    from grok.model.weights import model_shapes
 
     rng = np.random.default_rng(seed)
     shapes = model_shapes(config)
@@ -408,12 +408,12 @@ def load_weights(config, engine: str, seed: int = 0):
     import ml_dtypes
     import numpy as np
 
-    from grok import model, weights
+    from grok.model import transformer, weights
 
     if engine == "int8":
-        convert = model.cpu_int8_params
+        convert = transformer.cpu_int8_params
     elif engine == "f32":
-        convert = model.f32_params
+        convert = transformer.f32_params
     else:
         convert = None
     shapes = weights.checkpoint_shapes(config) if engine in PER_LAYER else weights.model_shapes(config)
@@ -453,14 +453,14 @@ def _cache_array_fn(shape: tuple[int, ...], dtype):
 
 
 def measure_sampling(config, batch: int, position: int, repeat: int) -> dict[str, float]:
-    """Seconds of the engine's sampling and log-probabilities (`grok.engine._choose`) on [batch, vocab]
+    """Seconds of the engine's sampling and log-probabilities (`grok.serving.programs._choose`) on [batch, vocab]
     logits, jitted alone: all rows greedy; a mix (the first half of the rows sampled with temperature
     TEMPERATURE and top_p TOP_P, the rest greedy) on peaked (Zipf) logits; the mix on flat logits."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from grok.engine import _choose, row_settings
+    from grok.serving.programs import _choose, row_settings
 
     v = config.vocab_size
     rng = np.random.default_rng(2)
@@ -488,7 +488,8 @@ def run_engine(args, engine: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from grok import model, native
+    from grok import native
+    from grok.model import transformer
 
     peak = PeakMemory()
     threads = args.threads or int(os.environ.get("PJRT_NPROC", "0")) or None
@@ -506,20 +507,20 @@ def run_engine(args, engine: str) -> dict:
     loaded_rss = PeakMemory.status("VmRSS")
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     if engine in PER_LAYER:
-        build = model.build(config, moe_impl="auto", scan_layers=False)
+        build = transformer.build(config, moe_impl="auto", scan_layers=False)
     else:
-        build = model.build(config, moe_impl="all_experts" if engine == "baseline" else "auto")
+        build = transformer.build(config, moe_impl="all_experts" if engine == "baseline" else "auto")
     # Logits at each row's last token only, as the engine's prefill and decode steps compute them.
     last = lambda tokens: jnp.full((tokens.shape[0],), tokens.shape[1] - 1, jnp.int32)
     step = jax.jit(lambda p, tokens, memory: build.apply(p, tokens, memory, logits_at=last(tokens)), donate_argnums=2)
     rng = np.random.default_rng(1)
     result = {"engine": engine, "compile_s": {}, "steps": {}, "machine": {}, "sampling": {}}
-    dtype = jnp.bfloat16 if engine == "baseline" else model.cache_dtype()
+    dtype = jnp.bfloat16 if engine == "baseline" else transformer.cache_dtype()
 
-    def memory_at(batch: int, filled: int) -> model.KVMemory:
+    def memory_at(batch: int, filled: int) -> transformer.KVMemory:
         """A cache whose first `filled` positions hold (bf16-valued, varied) keys and values of real
         tokens, made on the device."""
-        shape = model.cache_shape(config, batch, args.cache_len)
+        shape = transformer.cache_shape(config, batch, args.cache_len)
         shape = shape[1:] if engine in PER_LAYER else shape
         layers = config.num_layers if engine in PER_LAYER else 1
 
@@ -529,7 +530,7 @@ def run_engine(args, engine: str) -> dict:
 
         mask = np.zeros((batch, args.cache_len), bool)
         mask[:, :filled] = True
-        return model.KVMemory(k=kv(0), v=kv(1000), mask=jnp.asarray(mask), step=jnp.full((batch,), filled, jnp.int32))
+        return transformer.KVMemory(k=kv(0), v=kv(1000), mask=jnp.asarray(mask), step=jnp.full((batch,), filled, jnp.int32))
 
     def timed(phase: str, batch: int, tokens: int, filled: int, repeat: int) -> None:
         token_ids = jnp.asarray(rng.integers(3, config.vocab_size, (batch, tokens)), jnp.int32)
@@ -646,11 +647,11 @@ def report(args, config, machine: dict, best: dict, results: dict[str, dict]) ->
 
     import numpy as np
 
-    from grok.sampling import CANDIDATES
+    from grok.serving.sampling import CANDIDATES
 
     p = np.exp(-ZIPF / TEMPERATURE * np.log(np.arange(1, config.vocab_size + 1)))
     mass = p[:CANDIDATES].sum() / p.sum()
-    print(f"\nsampling + logprobs alone (grok.engine._choose jitted on [batch, {config.vocab_size}] logits); share = "
+    print(f"\nsampling + logprobs alone (grok.serving.programs._choose jitted on [batch, {config.vocab_size}] logits); share = "
           f"sampling / (decode step + sampling).\ngreedy: every row greedy; mixed: the first half of the rows "
           f"temperature {TEMPERATURE}, top_p {TOP_P}, on Zipf({ZIPF}) logits (the top {CANDIDATES} hold {mass:.3f} of "
           f"the mass); flat: the mix on N(0, 1) logits (sampled rows sort the vocabulary)")

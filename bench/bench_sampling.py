@@ -1,4 +1,4 @@
-"""Token choice per decode step: the former full-sort `_choose` against `grok.sampling.choose`,
+"""Token choice per decode step: the former full-sort `_choose` against `grok.serving.sampling.choose`,
 both jitted, measured in the same run (ms per call, best of --reps, and old / new).
 
 The former way sorts every row's logits (greedy and inactive rows too), then takes a log_softmax
@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok.sampling import CANDIDATES, choose
+from grok.serving.sampling import CANDIDATES, choose
 
-MAX_TOP = 8  # grok.engine.MAX_TOP_LOGPROBS
+MAX_TOP = 8  # grok.serving.programs.MAX_TOP_LOGPROBS
 
 
 def _old_row(logits, key, temperature, top_p, top_k):

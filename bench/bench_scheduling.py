@@ -4,7 +4,7 @@ while a long prompt is admitted) and prompt-lookup speculative decoding (tokens/
 
 The model is bench/bench_engine.py's default at vocab 8192 (D=2048, 2 layers, 8 experts of ffn
 10928, 16/4 heads x 128) with random 8-bit weights, in the CPU weight format (the default on one
-CPU device), with a longer context. Every number is driven through `grok.engine.Engine`.
+CPU device), with a longer context. Every number is driven through `grok.serving.engine.Engine`.
 
 1. prefix: a prompt of `--prefix` shared tokens and 64 of its own, then a second such prompt with
    other 64 tokens; TTFT of each, with the prefix cache on (the second restores the prefix) and
@@ -75,7 +75,7 @@ def load(scale: float | None, cache_len: int):
 
 
 def engine(grok, max_batch: int, cache_len: int, **scheduling):
-    from grok.engine import Engine, Scheduling
+    from grok.serving.engine import Engine, Scheduling
 
     e = Engine(grok, max_batch=max_batch, cache_len=cache_len, scheduling=Scheduling(**scheduling))
     e.warm_up()
@@ -101,10 +101,10 @@ def first_token_s(e, request) -> float:
 def bench_prefix(grok, args, rng) -> dict:
     import jax
 
-    from grok import model
-    from grok.engine import Request
-    from grok.prefix_cache import block_hashes, bytes_per_block
-    from grok.sampling import SamplingParams
+    from grok.model import transformer
+    from grok.serving.engine import Request
+    from grok.serving.prefix_cache import block_hashes, bytes_per_block
+    from grok.serving.sampling import SamplingParams
 
     greedy = SamplingParams(temperature=0)
     vocab = grok.config.vocab_size
@@ -127,7 +127,7 @@ def bench_prefix(grok, args, rng) -> dict:
             jax.block_until_ready(e._memory)
             copy_s = time.perf_counter() - start
             nbytes = len(rows) * bytes_per_block(grok.config, e.prefix_cache.block_size, grok.config.num_kv_heads,
-                                                 model.cache_dtype())
+                                                 transformer.cache_dtype())
             out[name].update(copy_s=copy_s, copy_bytes=nbytes)
             print(f"  copying the {len(rows)} blocks into a slot alone: {copy_s * 1e3:.1f} ms for "
                   f"{nbytes / 1e6:.1f} MB ({copy_s / ttft[0]:.2%} of the first TTFT)", flush=True)
@@ -136,8 +136,8 @@ def bench_prefix(grok, args, rng) -> dict:
 
 
 def bench_stall(grok, args, rng) -> dict:
-    from grok.engine import Request
-    from grok.sampling import SamplingParams
+    from grok.serving.engine import Request
+    from grok.serving.sampling import SamplingParams
 
     greedy = SamplingParams(temperature=0)
     vocab, cache_len = grok.config.vocab_size, args.long + 256
@@ -189,8 +189,8 @@ def bench_stall(grok, args, rng) -> dict:
 def bench_speculate(grok, args, rng, workload: str) -> dict:
     """Tokens/s of one greedy stream with each proposal count, best of `--repeat` runs taken in
     turn (off, 2, 4, ..., off, 2, 4, ...), so a burst of load elsewhere hits every setting alike."""
-    from grok.engine import Request
-    from grok.sampling import SamplingParams
+    from grok.serving.engine import Request
+    from grok.serving.sampling import SamplingParams
 
     greedy = SamplingParams(temperature=0)
     text = prompt(rng, 64, grok.config.vocab_size)

@@ -169,7 +169,7 @@ def model_config(model: str):
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     if model == "demo":
-        from grok.config import PRESETS
+        from grok.model.config import PRESETS
 
         return PRESETS["demo"]
     sys.path.insert(0, str(ROOT / "bench"))
@@ -203,9 +203,10 @@ def grok_1gb_checkpoint() -> tuple[Path, Path]:
 
 
 def write_grok_1gb(ckpt: Path) -> None:
-    from grok import checkpoint, weights
+    from grok.checkpoint import pickles
+    from grok.model import weights
 
-    checkpoint.write_checkpoint(weights.random_params(model_config("grok-1gb"), seed=0), ckpt, progress=False)
+    pickles.write_checkpoint(weights.random_params(model_config("grok-1gb"), seed=0), ckpt, progress=False)
 
 
 def model_flags(model: str) -> list[str]:

@@ -2,7 +2,7 @@
 
 Builds the real grok-1 config (optionally with fewer layers) as abstract, sharded inputs, lowers
 and compiles one decode step (`apply(params, token [B, 1], memory)`, memory donated as in
-`grok.api`) for a (data, model) mesh of virtual CPU devices, and prints a table. No weight is
+`grok.serving.api`) for a (data, model) mesh of virtual CPU devices, and prints a table. No weight is
 ever allocated. With the layers run as one scan, the time should not grow with depth.
 
     PYTHONPATH=. python bench/compile_time.py --layers 16 64 --rules tensor_parallel --mesh-model 8
@@ -43,9 +43,9 @@ def main(argv=None) -> None:
 
     import jax
 
-    from grok.aot import compile_decode
-    from grok.config import PRESETS
-    from grok.sharding import Sharder, load_rules, make_mesh
+    from grok.model.config import PRESETS
+    from grok.parallel.sharding import Sharder, load_rules, make_mesh
+    from grok.planning.aot import compile_decode
 
     sharder = Sharder(load_rules(args.rules), make_mesh(args.mesh_data, args.mesh_model))
 

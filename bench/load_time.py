@@ -1,8 +1,8 @@
 """Checkpoint load time: release pickles vs the converted safetensors format.
 
 Writes random weights for a Grok-shaped config (about 300 MB with the defaults) as release pickles,
-converts them (`grok.convert`), then times, for each format:
-- host: `checkpoint.read_checkpoint`, every weight into host memory as NumPy arrays;
+converts them (`grok.checkpoint.convert`), then times, for each format:
+- host: `read_checkpoint`, every weight into host memory as NumPy arrays;
 - sharded: `loader.load_sharded` in this process onto a (data, model) mesh of virtual CPU devices
   (tensor_parallel over 8 devices by default), until the arrays are ready;
 - N processes: the same sharded load done by `--processes` processes together (`jax.distributed`
@@ -69,10 +69,12 @@ def main(argv=None) -> None:
 
     import jax
 
-    from grok import checkpoint, loader, weights
-    from grok.config import GrokConfig
-    from grok.convert import convert
-    from grok.sharding import Sharder, load_rules, make_mesh
+    from grok.checkpoint import loader, pickles
+    from grok.checkpoint.convert import convert
+    from grok.checkpoint.read import read_checkpoint
+    from grok.model import weights
+    from grok.model.config import GrokConfig
+    from grok.parallel.sharding import Sharder, load_rules, make_mesh
 
     config = GrokConfig(
         emb_size=args.emb_size, key_size=64, num_q_heads=8, num_kv_heads=8, num_layers=args.layers,
@@ -88,7 +90,7 @@ def main(argv=None) -> None:
         params = weights.random_params(config, seed=0)
         size = sum(x.nbytes for x in jax.tree.leaves(params))
         start = time.perf_counter()
-        checkpoint.write_checkpoint(params, dirs["pickle"], progress=False)
+        pickles.write_checkpoint(params, dirs["pickle"], progress=False)
         written = time.perf_counter() - start
         del params
         start = time.perf_counter()
@@ -103,7 +105,7 @@ def main(argv=None) -> None:
               f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} CPU cores")
 
         def host_load(directory):
-            checkpoint.read_checkpoint(directory, config, progress=False)
+            read_checkpoint(directory, config, progress=False)
 
         def sharded_load(directory):
             jax.block_until_ready(loader.load_sharded(directory, config, sharder, progress=False))
@@ -181,7 +183,7 @@ def run_workers(job: dict) -> dict[str, list[float]]:
 def worker(job: dict) -> None:
     """One process of the multi-process load: prints {format: [seconds per run]} as its last line."""
     sys.path.insert(0, str(ROOT))
-    from grok import distributed
+    from grok.parallel import distributed
 
     data, model = job["mesh"]
     distributed.initialize(job["coordinator"], job["processes"], job["id"], data * model // job["processes"])
@@ -189,9 +191,9 @@ def worker(job: dict) -> None:
     import jax
     from jax.experimental import multihost_utils
 
-    from grok import loader
-    from grok.config import load_config
-    from grok.sharding import Sharder, load_rules, make_mesh
+    from grok.checkpoint import loader
+    from grok.model.config import load_config
+    from grok.parallel.sharding import Sharder, load_rules, make_mesh
 
     config = load_config(job["config"])
     sharder = Sharder(load_rules(job["rules"]), make_mesh(data, model))

@@ -14,17 +14,18 @@ from typing import Callable, NoReturn
 
 import jax
 
-from grok import distributed, threads
-from grok.api import Grok, SamplingParams
-from grok.checkpoint import CheckpointError, find_checkpoint_dir
-from grok.config import GrokConfig, load_config
-from grok.model import cache_dtype
-from grok.engine import Engine, Scheduling
-from grok.demo import DEMO_CONFIG, write_demo_checkpoint
-from grok.plan import choose_layout, make_plan
-from grok.prefix_cache import DEFAULT_SHARE, default_bytes
-from grok.sharding import Sharder, load_rules, make_mesh, mesh_of, mesh_text, parse_mesh
-from grok.tokenizer import BYTE_TOKENIZER, ByteTokenizer
+from grok.checkpoint.demo import DEMO_CONFIG, write_demo_checkpoint
+from grok.checkpoint.files import CheckpointError, find_checkpoint_dir
+from grok.model.config import GrokConfig, load_config
+from grok.model.transformer import cache_dtype
+from grok.parallel import distributed, threads
+from grok.parallel.sharding import Sharder, load_rules, make_mesh, mesh_of, mesh_text, parse_mesh
+from grok.planning.plan import choose_layout, make_plan
+from grok.serving.api import Grok, SamplingParams
+from grok.serving.chat import ChatTemplate
+from grok.serving.engine import Engine, Scheduling
+from grok.serving.prefix_cache import DEFAULT_SHARE, default_bytes
+from grok.serving.tokenizer import BYTE_TOKENIZER, ByteTokenizer
 
 log = logging.getLogger("grok")
 
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--chat-template", metavar="FILE", help="JSON file that turns /v1/chat/completions messages into a prompt "
-        "(format: grok/chat.py; default: grok/chat_templates/plain.json, 'User: ...' lines, stop at '\\nUser:')",
+        "(format: grok/serving/chat.py; default: grok/serving/chat_templates/plain.json, 'User: ...' lines, "
+        "stop at '\\nUser:')",
     )
 
     dl = commands.add_parser(
@@ -463,11 +465,11 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from grok import server  # the HTTP stack is only imported when serving
+    from grok.server import lifecycle  # the HTTP stack is only imported when serving
 
     _check_layout_flags(args)
-    api_key = _api_key(args.api_key, server.API_KEY_ENV)
-    chat_template = server.ChatTemplate.load(args.chat_template)  # a bad file: "FILE: what is wrong", at once
+    api_key = _api_key(args.api_key, lifecycle.API_KEY_ENV)
+    chat_template = ChatTemplate.load(args.chat_template)  # a bad file: "FILE: what is wrong", at once
     _cache_len(args.cache_len, _checkpoint_and_config(args)[1])  # before the slow part
     model = _load_model(args)
     engine = Engine(model, max_batch=args.max_batch, cache_len=args.cache_len, scheduling=_scheduling(args, model))
@@ -476,8 +478,8 @@ def serve(args: argparse.Namespace) -> int:
                  engine.prefix_cache.block_size, engine.scheduling.prefix_cache_bytes / 1e6)
     log.info("serving %s on http://%s:%d (API key %s)", args.model_name, args.host, args.port,
              "required" if api_key else "not required")
-    server.serve(engine, args.host, args.port, args.model_name, api_key, args.max_queue,
-                 chat_template=chat_template)
+    lifecycle.serve(engine, args.host, args.port, args.model_name, api_key, args.max_queue,
+                    chat_template=chat_template)
     return 0
 
 
@@ -510,7 +512,7 @@ def plan(args: argparse.Namespace) -> int:
 
 
 def download(args: argparse.Namespace) -> int:
-    from grok import hub
+    from grok.checkpoint import hub
 
     config = load_config(args.config)
     directory = hub.download(args.repo, args.local_dir, args.revision, args.endpoint)
@@ -520,7 +522,7 @@ def download(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from grok.convert import convert as convert_checkpoint
+    from grok.checkpoint.convert import convert as convert_checkpoint
 
     output = convert_checkpoint(args.checkpoint, args.output, load_config(args.config))
     print(f"Converted {args.checkpoint} to safetensors in {output}")

@@ -3,17 +3,17 @@
 import gc
 import weakref
 
-from grok import checkpoint
+from grok.checkpoint import pickles
 
 
 class LiveTensors:
-    """Patches `checkpoint.load_tensor` (for one test) to count, before each read, the earlier
+    """Patches `pickles.load_tensor` (for one test) to count, before each read, the earlier
     tensors still referenced; `peak` is the most seen, `reads` the number of reads."""
 
     def __init__(self, monkeypatch) -> None:
         self.peak = 0
         self._alive: list[weakref.ref] = []
-        original = checkpoint.load_tensor
+        original = pickles.load_tensor
 
         def tracking_load(path):
             gc.collect()
@@ -22,7 +22,7 @@ class LiveTensors:
             self._alive.append(weakref.ref(getattr(weight, "weight", weight)))
             return weight
 
-        monkeypatch.setattr(checkpoint, "load_tensor", tracking_load)
+        monkeypatch.setattr(pickles, "load_tensor", tracking_load)
 
     @property
     def reads(self) -> int:

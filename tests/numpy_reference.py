@@ -14,8 +14,8 @@ import ml_dtypes
 import numpy as np
 
 if TYPE_CHECKING:  # only for annotations; the reference duck-types quantized weights
-    from grok.config import GrokConfig
-    from grok.quant import QuantizedWeight8bit
+    from grok.model.config import GrokConfig
+    from grok.model.quant import QuantizedWeight8bit
 
 RMS_NORM_EPS = 1e-5
 ROPE_BASE = 10000.0

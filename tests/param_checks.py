@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok import model, weights
-from grok.quant import QuantizedWeight8bit
+from grok.model import transformer, weights
+from grok.model.quant import QuantizedWeight8bit
 
 
 def assert_same_params(a, b) -> None:
@@ -24,7 +24,7 @@ def assert_same_params(a, b) -> None:
 
 def assert_same_logits(config, a, b) -> None:
     """The model gives bit-identical (finite) logits with parameter trees `a` and `b` (checkpoint layout)."""
-    apply = jax.jit(model.build(config).apply)
+    apply = jax.jit(transformer.build(config).apply)
     tokens = jnp.array([[1, 17, 200, 3, 45, 9, 128, 77], [5, 6, 7, 8, 9, 10, 11, 12]], jnp.int32)
     before = apply(weights.stack_layers(a, config.num_layers), tokens).logits
     after = apply(weights.stack_layers(b, config.num_layers), tokens).logits

@@ -10,14 +10,27 @@ import httpx2
 import openai
 import pytest
 from test_server import (  # noqa: F401 (client and http are fixtures over this module's `url`)
-    AUTH, CONFIG, KEY, MODEL, client, expected, http, metrics, paused, requests_counted, running, text_of, wait_for,
+    AUTH,
+    CONFIG,
+    KEY,
+    MODEL,
+    client,
+    expected,
+    http,
+    metrics,
+    paused,
+    requests_counted,
+    running,
+    text_of,
+    wait_for,
 )
 
-from grok import Grok, cli, weights
-from grok.chat import DEFAULT_TEMPLATE, ChatTemplate, ChatTemplateError
-from grok.engine import Engine
-from grok.server import create_app
-from grok.tokenizer import ByteTokenizer
+from grok import Grok, cli
+from grok.model import weights
+from grok.server.app import create_app
+from grok.serving.chat import DEFAULT_TEMPLATE, ChatTemplate, ChatTemplateError
+from grok.serving.engine import Engine
+from grok.serving.tokenizer import ByteTokenizer
 
 CACHE_LEN = 128
 CHAT_CONFIG = CONFIG.replace(sequence_len=CACHE_LEN)  # room for a few turns

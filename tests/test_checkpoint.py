@@ -1,4 +1,4 @@
-"""Tests of the release checkpoint reader/writer (grok/checkpoint.py)."""
+"""Tests of the release checkpoint reader/writer (grok/checkpoint/)."""
 
 from __future__ import annotations
 
@@ -15,22 +15,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
-from grok import weights
-from grok.checkpoint import (
-    CheckpointError,
-    ReleasePickler,
-    UnsafePickleError,
-    load_tensor,
-    read_checkpoint,
-    resolve_checkpoint_dir,
-    tensor_file_name,
-    write_checkpoint,
-)
-from grok.config import PRESETS
-from grok.quant import QuantizedWeight8bit
 from blocking import call_with_timeout, make_fifo
 from param_checks import assert_same_logits, assert_same_params
+
+from grok.checkpoint.files import CheckpointError, resolve_checkpoint_dir, tensor_file_name
+from grok.checkpoint.pickles import ReleasePickler, UnsafePickleError, load_tensor, write_checkpoint
+from grok.checkpoint.read import read_checkpoint
+from grok.model import weights
+from grok.model.config import PRESETS
+from grok.model.quant import QuantizedWeight8bit
 
 CONFIG = PRESETS["tiny"].replace(num_layers=11)  # 11 layers: string order puts _10 before _2
 NAMES, _ = weights.flatten(weights.checkpoint_shapes(CONFIG))

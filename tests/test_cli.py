@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from grok import cli
-from grok.config import PRESETS
-from grok.demo import write_demo_checkpoint
-from grok.engine import Engine
+from grok.checkpoint.demo import write_demo_checkpoint
+from grok.model.config import PRESETS
+from grok.serving.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "grok-1" / "tokenizer.model"
@@ -25,7 +25,7 @@ def tiny_checkpoint(tmp_path):
     A checkpoint is sharded by default (tensor_parallel over all 8 test devices), so every head
     count and width divides by 8: the "shard" preset.
     """
-    from grok.config import PRESETS
+    from grok.model.config import PRESETS
 
     if not TOKENIZER.is_file():
         pytest.skip("needs ../shared/grok-1/tokenizer.model")

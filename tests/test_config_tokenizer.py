@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from grok.config import PRESETS, ffn_size, load_config
-from grok.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from grok.model.config import PRESETS, ffn_size, load_config
+from grok.serving.tokenizer import ByteTokenizer, SentencePieceTokenizer
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "grok-1" / "tokenizer.model"
 

@@ -1,4 +1,4 @@
-"""The safetensors checkpoint format and `convert` (grok/safetensors_checkpoint.py, grok/convert.py)."""
+"""The safetensors checkpoint format and `convert` (grok/checkpoint/safetensors_format.py, grok/checkpoint/convert.py)."""
 
 from __future__ import annotations
 
@@ -13,22 +13,19 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-
-from grok import PRESETS, checkpoint, loader, weights
-from grok.checkpoint import (
-    SAFETENSORS_INDEX,
-    CheckpointError,
-    checkpoint_format,
-    read_checkpoint,
-    resolve_checkpoint_dir,
-)
-from grok.convert import convert
-from grok.safetensors_checkpoint import StoredArray, file_name, write_file
-from grok.sharding import Sharder, load_rules, make_mesh
 from blocking import call_with_timeout, make_fifo
 from host_memory import LiveTensors
 from param_checks import assert_same_logits, assert_same_params
+from safetensors.numpy import load_file
+
+from grok import PRESETS
+from grok.checkpoint import files, loader, pickles
+from grok.checkpoint.convert import convert
+from grok.checkpoint.files import SAFETENSORS_INDEX, CheckpointError, checkpoint_format, resolve_checkpoint_dir
+from grok.checkpoint.read import read_checkpoint
+from grok.checkpoint.safetensors_format import StoredArray, file_name, write_file
+from grok.model import weights
+from grok.parallel.sharding import Sharder, load_rules, make_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
@@ -39,7 +36,7 @@ NAMES, _ = weights.flatten(weights.checkpoint_shapes(ELEVEN))
 
 def write_release(directory: Path, config, seed: int = 0):
     params = weights.random_params(config, seed)
-    checkpoint.write_checkpoint(params, directory, progress=False)
+    pickles.write_checkpoint(params, directory, progress=False)
     return params
 
 
@@ -139,24 +136,26 @@ def test_one_process_reads_each_tensor_once_and_whole(shard_checkpoint, monkeypa
     reads = record_reads(monkeypatch)
     sharder = Sharder(load_rules("tensor_parallel"), make_mesh(1, 8))
     loader.load_sharded(shard_checkpoint / "safetensors", SHARD, sharder, progress=False)
-    _, expected, _ = checkpoint.expected_weights(SHARD)
+    _, expected, _ = files.expected_weights(SHARD)
     shapes = [tuple(a.shape) for a in jax.tree.leaves(list(expected))]
     assert sorted(shape for shape_list in reads.values() for shape in shape_list) == sorted(shapes)
 
 
 _WORKER = """
 import json, sys
-from grok import distributed
+from grok.parallel import distributed
 
 coordinator, process_id, directory, config_file = sys.argv[1:]
 distributed.initialize(coordinator, 2, int(process_id), local_device_count=4)
 
 import jax
 import numpy as np
-from grok import checkpoint, loader, weights
-from grok.config import load_config
-from grok.safetensors_checkpoint import StoredArray
-from grok.sharding import Sharder, load_rules, make_mesh
+from grok.checkpoint import loader
+from grok.checkpoint.read import read_checkpoint
+from grok.checkpoint.safetensors_format import StoredArray
+from grok.model import weights
+from grok.model.config import load_config
+from grok.parallel.sharding import Sharder, load_rules, make_mesh
 
 config = load_config(config_file)
 read = {}
@@ -170,7 +169,7 @@ def recording(self, index):
 StoredArray.__getitem__ = recording
 params = loader.load_sharded(directory, config, Sharder(load_rules("tensor_parallel"), make_mesh(1, 8)), progress=False)
 read_by_load = dict(read)
-expected = weights.stack_layers(checkpoint.read_checkpoint(directory, config, progress=False), config.num_layers)
+expected = weights.stack_layers(read_checkpoint(directory, config, progress=False), config.num_layers)
 wrong = [
     str(path) for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected))
     for shard in got.addressable_shards if not np.array_equal(np.asarray(shard.data), want[shard.index])
@@ -209,7 +208,7 @@ def test_each_of_two_processes_reads_only_its_shards(shard_checkpoint, tmp_path)
                 process.kill()
                 process.wait()
 
-    _, expected, _ = checkpoint.expected_weights(SHARD)
+    _, expected, _ = files.expected_weights(SHARD)
     total = sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(list(expected)))
     moe = "transformer/decoder_layer_1/moe/linear/w.weight"  # [E, D, F], F split over 8 devices
     moe_bytes = SHARD.num_experts * SHARD.emb_size * SHARD.ffn_size
@@ -238,7 +237,7 @@ class Interrupted(Exception):
 def test_interrupted_conversion_resumes_and_gives_identical_output(eleven, tmp_path, monkeypatch):
     root, _ = eleven
     out = tmp_path / "out"
-    original, calls = checkpoint.load_tensor, []
+    original, calls = pickles.load_tensor, []
 
     def failing_after(k):
         def load(path):
@@ -249,7 +248,7 @@ def test_interrupted_conversion_resumes_and_gives_identical_output(eleven, tmp_p
 
         return load
 
-    monkeypatch.setattr(checkpoint, "load_tensor", failing_after(20))
+    monkeypatch.setattr(pickles, "load_tensor", failing_after(20))
     with pytest.raises(Interrupted):
         convert(root / "ckpt-0", out, ELEVEN, progress=False)
     assert sorted(os.listdir(out)) == [file_name(i) for i in range(20)]  # whole files only, no index
@@ -262,9 +261,9 @@ def test_interrupted_conversion_resumes_and_gives_identical_output(eleven, tmp_p
     damaged.write_bytes(damaged.read_bytes()[:-10])
 
     calls.clear()
-    monkeypatch.setattr(checkpoint, "load_tensor", failing_after(-1))
+    monkeypatch.setattr(pickles, "load_tensor", failing_after(-1))
     convert(root / "ckpt-0", out, ELEVEN, progress=False)
-    expected_reads = [checkpoint.tensor_file_name(7)] + [checkpoint.tensor_file_name(i) for i in range(20, len(NAMES))]
+    expected_reads = [files.tensor_file_name(7)] + [files.tensor_file_name(i) for i in range(20, len(NAMES))]
     assert calls == expected_reads  # only what was not yet converted (or was damaged)
     assert not [name for name in os.listdir(out) if name.startswith(".")]
     reference = root / "safetensors"  # converted in one go
@@ -275,7 +274,7 @@ def test_interrupted_conversion_resumes_and_gives_identical_output(eleven, tmp_p
 
 def test_running_convert_again_rewrites_nothing(eleven, converted, monkeypatch):
     root, _ = eleven
-    monkeypatch.setattr(checkpoint, "load_tensor", lambda path: pytest.fail(f"read {path} again"))
+    monkeypatch.setattr(pickles, "load_tensor", lambda path: pytest.fail(f"read {path} again"))
     convert(root, converted, ELEVEN, progress=False)  # root/ckpt-0 is the source, though root/safetensors exists
     assert checkpoint_format(converted) == "safetensors"
 
@@ -308,12 +307,12 @@ def test_files_whose_source_changed_are_converted_again(tmp_path, monkeypatch):
     convert(tmp_path / "ckpt-0", tmp_path / "out", TINY, progress=False)
     write_release(tmp_path / "new", TINY, seed=2)
     changed = [1, 4]
-    for name in map(checkpoint.tensor_file_name, changed):  # replaced in place, as a second download would
+    for name in map(files.tensor_file_name, changed):  # replaced in place, as a second download would
         shutil.copyfile(tmp_path / "new" / name, tmp_path / "ckpt-0" / name)
-    original, reads = checkpoint.load_tensor, []
-    monkeypatch.setattr(checkpoint, "load_tensor", lambda path: reads.append(Path(path).name) or original(path))
+    original, reads = pickles.load_tensor, []
+    monkeypatch.setattr(pickles, "load_tensor", lambda path: reads.append(Path(path).name) or original(path))
     convert(tmp_path / "ckpt-0", tmp_path / "out", TINY, progress=False)
-    assert reads == [checkpoint.tensor_file_name(i) for i in changed]
+    assert reads == [files.tensor_file_name(i) for i in changed]
     monkeypatch.undo()
     assert_same_params(read_checkpoint(tmp_path / "ckpt-0", TINY, progress=False),
                        read_checkpoint(tmp_path / "out", TINY, progress=False))
@@ -334,9 +333,9 @@ def test_format_is_detected(eleven, tmp_path):
     shutil.copytree(root / "safetensors", tmp_path / "safetensors")
     (tmp_path / "safetensors" / SAFETENSORS_INDEX).unlink()
     assert resolve_checkpoint_dir(tmp_path) == tmp_path / "ckpt-0"
-    assert checkpoint.find_checkpoint_dir(root) == root / "safetensors"
-    assert checkpoint.find_checkpoint_dir(tmp_path / "safetensors") is None  # unfinished
-    assert checkpoint.find_checkpoint_dir(tmp_path / "nowhere") is None
+    assert files.find_checkpoint_dir(root) == root / "safetensors"
+    assert files.find_checkpoint_dir(tmp_path / "safetensors") is None  # unfinished
+    assert files.find_checkpoint_dir(tmp_path / "nowhere") is None
 
 
 def test_convert_refuses_wrong_inputs(eleven, converted, tmp_path):
@@ -392,7 +391,7 @@ def test_fifo_in_place_of_a_tensor_file_is_refused_without_blocking(eleven, conv
         call_with_timeout(lambda: read_checkpoint(converted, ELEVEN, progress=False), 20, on_timeout=release)
     # The source of a conversion, too.
     source = Path(shutil.copytree(eleven[0] / "ckpt-0", tmp_path / "ckpt-0"))
-    path = source / checkpoint.tensor_file_name(1)
+    path = source / files.tensor_file_name(1)
     path.unlink()
     path.symlink_to(tmp_path / "fifo")
     with pytest.raises(CheckpointError, match=f"{path}: is a FIFO, not a regular file"):

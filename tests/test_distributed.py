@@ -2,7 +2,7 @@
 the 3-axis expert_tensor_parallel layout generate what one device does.
 
 Also two processes that find each other from a simulated SLURM job step (--distributed auto), the
-cluster detection and errors of `grok.distributed.initialize`, and the sharding / multi-process CLI flags.
+cluster detection and errors of `grok.parallel.distributed.initialize`, and the sharding / multi-process CLI flags.
 """
 
 import functools
@@ -20,10 +20,11 @@ import jax
 import numpy as np
 import pytest
 
-from grok import cli, distributed
-from grok.api import Grok, SamplingParams
-from grok.config import PRESETS
-from grok.demo import DEMO_CONFIG, write_demo_checkpoint
+from grok import cli
+from grok.checkpoint.demo import DEMO_CONFIG, write_demo_checkpoint
+from grok.model.config import PRESETS
+from grok.parallel import distributed
+from grok.serving.api import Grok, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 # With the preset's embedding scale (sqrt(64) = 8) the random weights' embeddings swamp the layers
@@ -220,7 +221,7 @@ def test_two_processes_join_a_slurm_job_step_by_themselves(shard_checkpoint, tmp
         ) in stderr
 
 
-# --- grok.distributed.initialize, without starting anything --------------------------------------
+# --- grok.parallel.distributed.initialize, without starting anything --------------------------------------
 
 
 @pytest.fixture

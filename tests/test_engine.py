@@ -5,9 +5,10 @@ import threading
 import numpy as np
 import pytest
 
-from grok import Grok, PRESETS, SamplingParams, weights
-from grok.engine import Engine, Request
-from grok.tokenizer import ByteTokenizer
+from grok import PRESETS, Grok, SamplingParams
+from grok.model import weights
+from grok.serving.engine import Engine, Request
+from grok.serving.tokenizer import ByteTokenizer
 
 CONFIG = PRESETS["tiny"].replace(vocab_size=328)  # room for the byte tokenizer's ids
 GREEDY = SamplingParams(temperature=0)

@@ -5,9 +5,9 @@ in this process) and on the 32-device layout (expert_tensor_parallel, in a subpr
 virtual CPU devices: conftest gives this process 16).
 
 What an accelerator engine runs: int8 weights (the checkpoint's format) and a bf16 cache
-(`grok.model.cache_dtype()` off CPU). The exported programs may contain no custom call an
+(`grok.model.transformer.cache_dtype()` off CPU). The exported programs may contain no custom call an
 accelerator lacks; in particular none of the native CPU kernels (`grok.native`: `grok_matmul_t`,
-`grok_grouped_matmul_t`), which `grok.ops` uses only for float32 CPU-format weights or caches on a
+`grok_grouped_matmul_t`), which `grok.model.ops` uses only for float32 CPU-format weights or caches on a
 CPU backend. A sanity test shows the check does see such a kernel when one is lowered.
 
 Run with `-s` to see the lowering and export times (printed, never asserted).
@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from grok import aot, model, native, ops, plan
-from grok.config import PRESETS
-from grok.sharding import Sharder, load_rules, mesh_of
+from grok import native
+from grok.model import ops, transformer
+from grok.model.config import PRESETS
+from grok.parallel.sharding import Sharder, load_rules, mesh_of
+from grok.planning import aot, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GROK1 = PRESETS["grok-1"]
@@ -66,7 +68,7 @@ def assert_accelerator_safe(targets: collections.Counter) -> None:
 
 def export_engine_steps(devices: int) -> dict:
     """Export the engine's decode step and prefill chunk of Grok-1 on the first `devices` devices
-    in `grok.plan.recommend`'s layout for that many, checking each export; returns a summary."""
+    in `grok.planning.plan.recommend`'s layout for that many, checking each export; returns a summary."""
     rules, shape = plan.recommend(GROK1, devices)
     sharder = Sharder(load_rules(rules), mesh_of(shape, jax.devices()[:devices]))
     mesh = sharder.mesh
@@ -101,7 +103,7 @@ def export_engine_steps(devices: int) -> dict:
         (params, memory, *_), kwargs = jax.tree.unflatten(exp.in_tree, exp.in_avals)
         assert not kwargs
         assert memory.k.dtype == memory.v.dtype == jnp.bfloat16
-        assert memory.k.shape == model.cache_shape(GROK1, BATCH, CACHE_LEN, sharder.cache_heads(GROK1))
+        assert memory.k.shape == transformer.cache_shape(GROK1, BATCH, CACHE_LEN, sharder.cache_heads(GROK1))
         weight = params["transformer/decoder_layer/moe/linear"]["w"].weight
         assert weight.dtype == jnp.int8 and weight.shape[0] == GROK1.num_layers  # stacked, scanned layers
 
@@ -178,7 +180,7 @@ def test_the_check_sees_a_native_kernel():
 @pytest.mark.skipif(not native.available(), reason="the native CPU kernels are not buildable here")
 def test_engine_steps_in_the_cpu_format_do_hold_native_kernels():
     """The same engine programs (a tiny config on one device) in the CPU format, float32 weights
-    (`grok.model.f32_params`) and a float32 cache, hold both native kernels when lowered in this
+    (`grok.model.transformer.f32_params`) and a float32 cache, hold both native kernels when lowered in this
     CPU process, whatever platforms they are exported for: the gate is the process's backend and
     the format. In the accelerator format (int8 weights, bf16 cache) they hold none."""
     sharder = Sharder(load_rules("tensor_parallel"), mesh_of({"data": 1, "model": 1}, jax.devices()[:1]))
@@ -188,7 +190,7 @@ def test_engine_steps_in_the_cpu_format_do_hold_native_kernels():
         for name, step in steps.items():
             params, *rest = step.args
             if cpu_format:
-                params = jax.eval_shape(model.f32_params, params)
+                params = jax.eval_shape(transformer.f32_params, params)
             exp = jax.export.export(step.fn, platforms=PLATFORMS, disabled_checks=allow)(params, *rest)
             targets = custom_call_targets(exp.mlir_module())
             if cpu_format:

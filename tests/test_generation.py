@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok import Grok, PRESETS, SamplingParams, model, weights
-from grok.sampling import sample
+from grok import PRESETS, Grok, SamplingParams
+from grok.model import transformer, weights
+from grok.serving.sampling import sample
 
 CONFIG = PRESETS["tiny"]
 
@@ -32,7 +33,7 @@ def test_cached_decode_equals_full_forward(grok):
     apply = jax.jit(grok.apply)
     prompt = np.zeros((1, 16), np.int32)
     prompt[0, :12] = sequence[:12]
-    memory = model.init_memory(CONFIG, 1, 32, stacked=grok.scan_layers)
+    memory = transformer.init_memory(CONFIG, 1, 32, stacked=grok.scan_layers)
     out = apply(grok.params, jnp.asarray(prompt), memory, jnp.asarray([12]))
     cached = [np.asarray(out.logits[0, :12], np.float32)]
     memory = out.memory

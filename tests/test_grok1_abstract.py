@@ -1,6 +1,6 @@
 """The real Grok-1 configuration, checked abstractly: no weight of it is ever allocated.
 
-Shapes come from `grok.weights.model_shapes` (ShapeDtypeStructs), shardings from the shipped
+Shapes come from `grok.model.weights.model_shapes` (ShapeDtypeStructs), shardings from the shipped
 partition rules, and the decode step is lowered and compiled ahead of time for the reference
 (data=1, model=8) mesh of virtual CPU devices. Every byte count asserted here is derived by hand
 from the parameter table in GROK1.md and written out as a literal, with its derivation.
@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from grok import model
-from grok.aot import compile_decode
-from grok.config import PRESETS
-from grok.quant import QuantizedWeight8bit
-from grok.sharding import Sharder, load_rules, make_mesh
-from grok.weights import model_shapes
+from grok.model import transformer
+from grok.model.config import PRESETS
+from grok.model.quant import QuantizedWeight8bit
+from grok.model.weights import model_shapes
+from grok.parallel.sharding import Sharder, load_rules, make_mesh
+from grok.planning.aot import compile_decode
 
 GROK1 = PRESETS["grok-1"]
 SHIPPED_RULES = ("tensor_parallel", "expert_parallel", "replicated")
@@ -169,7 +169,7 @@ def layer_param_bytes(shapes, shardings) -> int:
 
 @functools.cache
 def compiled_decode(rules: str, num_layers: int):
-    """AOT-compiled decode step (`grok.api` feeds one token per row), memory donated as in the API.
+    """AOT-compiled decode step (`grok.serving.api` feeds one token per row), memory donated as in the API.
 
     Returns (compiled, compile seconds, the abstract memory it was compiled for).
     """
@@ -318,7 +318,7 @@ def test_replicated_holds_the_whole_model_on_every_device():
 
 def test_full_context_kv_cache_bytes_per_device():
     s = sharder("tensor_parallel")
-    full_shape = model.cache_shape(GROK1, 1, GROK1.sequence_len)
+    full_shape = transformer.cache_shape(GROK1, 1, GROK1.sequence_len)
     layer_shape = full_shape[1:]
     assert layer_shape == (1, 8, 8192, 128)  # [b, kv heads, positions, head size]
     per_layer = s.activation("kv_cache", layer_shape).shard_shape(layer_shape)

@@ -1,4 +1,4 @@
-"""Downloading from the Hub (grok/hub.py), against a local stand-in for the Hub: no network.
+"""Downloading from the Hub (grok/checkpoint/hub.py), against a local stand-in for the Hub: no network.
 
 `FakeHub` is a small HTTP server on 127.0.0.1 that answers the requests `huggingface_hub` makes for
 `snapshot_download`: model info (`/api/models/REPO[/revision/REV]`), the file tree
@@ -21,9 +21,12 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from huggingface_hub import constants
 
-from grok import PRESETS, checkpoint, hub, weights
-from grok.checkpoint import CheckpointError, tensor_file_name
-from grok.demo import write_demo_checkpoint
+from grok import PRESETS
+from grok.checkpoint import hub
+from grok.checkpoint.demo import write_demo_checkpoint
+from grok.checkpoint.files import CheckpointError, resolve_checkpoint_dir, tensor_file_name
+from grok.checkpoint.read import read_checkpoint
+from grok.model import weights
 
 CONFIG = PRESETS["tiny"]
 REPO = "xai-org/grok-1"
@@ -218,7 +221,7 @@ def test_download_fetches_checkpoint_and_tokenizer_only(fake_hub, release, tmp_p
     assert_same_files(local_dir, release)
     assert not (local_dir / "README.md").exists()  # only ckpt-0/* and tokenizer.model
     hub.verify_download(local_dir, CONFIG)
-    loaded = checkpoint.read_checkpoint(local_dir, CONFIG, progress=False)
+    loaded = read_checkpoint(local_dir, CONFIG, progress=False)
     assert weights.flatten(loaded)[0] == NAMES
 
     # A second run finds everything complete: no file is transferred again.
@@ -271,8 +274,8 @@ def test_older_revision_with_ckpt_directory(fake_hub, release, tmp_path):
     assert not (local_dir / "ckpt-0").exists()
     assert_same_files(local_dir, release, subdir="ckpt")
     hub.verify_download(local_dir, CONFIG)
-    assert checkpoint.resolve_checkpoint_dir(local_dir) == directory
-    checkpoint.read_checkpoint(local_dir, CONFIG, progress=False)
+    assert resolve_checkpoint_dir(local_dir) == directory
+    read_checkpoint(local_dir, CONFIG, progress=False)
 
 
 def test_revision_without_checkpoint_is_refused(fake_hub, tmp_path):

@@ -5,13 +5,16 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
-from grok import PRESETS, checkpoint, loader, model, weights
-from grok.convert import convert
-from grok.demo import write_demo_checkpoint
-from grok.quant import QuantizedWeight8bit
-from grok.sharding import Sharder, load_rules, make_mesh
 from host_memory import LiveTensors
+
+from grok import PRESETS
+from grok.checkpoint import files, loader, pickles
+from grok.checkpoint.convert import convert
+from grok.checkpoint.demo import write_demo_checkpoint
+from grok.checkpoint.read import read_checkpoint
+from grok.model import transformer, weights
+from grok.model.quant import QuantizedWeight8bit
+from grok.parallel.sharding import Sharder, load_rules, make_mesh
 
 CONFIG = PRESETS["shard"]
 
@@ -25,7 +28,7 @@ def ckpt(tmp_path_factory):
 def test_sharded_load_equals_host_load(ckpt, rules, data, model_size):
     sharder = Sharder(load_rules(rules), make_mesh(data, model_size))
     loaded = loader.load_sharded(ckpt, CONFIG, sharder, progress=False)
-    expected = weights.stack_layers(checkpoint.read_checkpoint(ckpt, CONFIG, progress=False), CONFIG.num_layers)
+    expected = weights.stack_layers(read_checkpoint(ckpt, CONFIG, progress=False), CONFIG.num_layers)
     shardings = sharder.param_shardings(weights.model_shapes(CONFIG))
     for (path, got), want, sharding in zip(
         jax.tree_util.tree_leaves_with_path(loaded), jax.tree.leaves(expected), jax.tree.leaves(shardings)
@@ -51,7 +54,7 @@ def _one_device():
 
 
 def _write(directory, scale_blocks):
-    checkpoint.write_checkpoint(weights.random_params(CONFIG, 1, scale_blocks), directory, progress=False)
+    pickles.write_checkpoint(weights.random_params(CONFIG, 1, scale_blocks), directory, progress=False)
     return directory
 
 
@@ -81,16 +84,16 @@ def test_load_layers_equals_unstacked_load_sharded(tmp_path, ckpt, layout):
 def test_load_layers_reads_safetensors(tmp_path, ckpt):
     converted = convert(ckpt, tmp_path / "safetensors", CONFIG, progress=False)
     _assert_same_trees(loader.load_layers(converted, CONFIG, progress=False),
-                       checkpoint.read_checkpoint(ckpt, CONFIG, progress=False))
+                       read_checkpoint(ckpt, CONFIG, progress=False))
 
 
 def _f32_format(path, name, leaf):
-    """What the single-CPU path converts each weight into (`grok.model.f32_params`, one leaf)."""
-    return model.f32_params({path: {name: leaf}})[path][name]
+    """What the single-CPU path converts each weight into (`grok.model.transformer.f32_params`, one leaf)."""
+    return transformer.f32_params({path: {name: leaf}})[path][name]
 
 
 @pytest.mark.parametrize(
-    "convert_leaf", [None, _f32_format, model.cpu_int8_leaf], ids=["as read", "f32 format", "int8 format"]
+    "convert_leaf", [None, _f32_format, transformer.cpu_int8_leaf], ids=["as read", "f32 format", "int8 format"]
 )
 def test_load_layers_frees_each_tensor_file_before_reading_the_next(ckpt, monkeypatch, convert_leaf):
     """No earlier tensor file is alive when the next is read: each is dropped once placed (or converted)."""
@@ -104,8 +107,9 @@ def test_grok_on_one_cpu_loads_the_int8_format(ckpt, monkeypatch):
     """`Grok.from_checkpoint` on one CPU device (the default): the int8 CPU format, read per layer
     by `load_layers` (whose memory the test above checks with this conversion), with the logits of
     the same weights held in memory."""
-    from grok import Grok, api
-    from grok.quant import BF16Table, Int8CpuWeight
+    from grok import Grok
+    from grok.model.quant import BF16Table, Int8CpuWeight
+    from grok.serving import api
 
     read = []
 
@@ -115,10 +119,10 @@ def test_grok_on_one_cpu_loads_the_int8_format(ckpt, monkeypatch):
 
     monkeypatch.setattr(api, "load_layers", recording)
     grok = Grok.from_checkpoint(ckpt, CONFIG, progress=False)
-    assert read == [model.cpu_int8_leaf] and not grok.scan_layers
+    assert read == [transformer.cpu_int8_leaf] and not grok.scan_layers
     kinds = {type(leaf) for leaf in jax.tree.leaves(grok.params, is_leaf=lambda x: not isinstance(x, dict))}
     assert Int8CpuWeight in kinds and BF16Table in kinds
-    in_memory = Grok(CONFIG, checkpoint.read_checkpoint(ckpt, CONFIG, progress=False))
+    in_memory = Grok(CONFIG, read_checkpoint(ckpt, CONFIG, progress=False))
     tokens = [5, 9, 3, 7]
     np.testing.assert_array_equal(grok.logits(tokens), in_memory.logits(tokens))
 
@@ -134,7 +138,7 @@ def test_load_layers_converts_every_leaf_once_with_its_path_and_name(ckpt):
     names, expected = weights.flatten(weights.checkpoint_shapes(CONFIG))
     assert [f"{path}/{name}" for path, name, _ in calls] == names  # release file order
     for (path, name, leaf), want in zip(calls, expected):
-        checkpoint.check_weight(f"{path}/{name}", want, leaf)  # the weight as read, dtypes and shapes
+        files.check_weight(f"{path}/{name}", want, leaf)  # the weight as read, dtypes and shapes
         leaves = jax.tree.leaves(leaf)
         assert leaves and all(type(a) is np.ndarray for a in leaves), (path, name)
     for i, (path, name, _) in enumerate(calls, 1):
@@ -143,7 +147,7 @@ def test_load_layers_converts_every_leaf_once_with_its_path_and_name(ckpt):
         np.testing.assert_array_equal(got, [i, i])
     # A pytree result keeps its structure; JAX arrays stay as they are.
     f32 = loader.load_layers(ckpt, CONFIG, convert=_f32_format, progress=False)
-    want = model.f32_params(checkpoint.read_checkpoint(ckpt, CONFIG, progress=False))
+    want = transformer.f32_params(read_checkpoint(ckpt, CONFIG, progress=False))
     assert jax.tree.structure(f32) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(f32), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
@@ -163,7 +167,7 @@ def test_placed_leaves_never_alias_host_memory():
 
 
 def _error(load):
-    with pytest.raises(checkpoint.CheckpointError) as info:
+    with pytest.raises(files.CheckpointError) as info:
         load()
     return str(info.value)
 
@@ -177,15 +181,15 @@ def test_load_layers_reports_a_bad_checkpoint_as_load_sharded_does(tmp_path, ckp
     names, _ = weights.flatten(weights.checkpoint_shapes(CONFIG))
     missing = tmp_path / "missing"
     shutil.copytree(ckpt, missing)
-    (missing / checkpoint.tensor_file_name(5)).unlink()
+    (missing / files.tensor_file_name(5)).unlink()
     layers, sharded = _both_errors(missing)
-    assert layers == sharded and f"{checkpoint.tensor_file_name(5)} ({names[5]}) is missing" in layers
+    assert layers == sharded and f"{files.tensor_file_name(5)} ({names[5]}) is missing" in layers
 
     wrong = tmp_path / "wrong-shape"
     shutil.copytree(ckpt, wrong)
     index = names.index("language_model/rms_norm/scale")
-    with open(wrong / checkpoint.tensor_file_name(index), "wb") as file:
-        checkpoint.ReleasePickler(file).dump(np.ones(CONFIG.emb_size + 1, np.float32))
+    with open(wrong / files.tensor_file_name(index), "wb") as file:
+        pickles.ReleasePickler(file).dump(np.ones(CONFIG.emb_size + 1, np.float32))
     layers, sharded = _both_errors(wrong)
     assert layers == sharded and "expected float32 array of shape (64,), found (65,)" in layers
 
@@ -194,8 +198,8 @@ def test_load_layers_reports_a_bad_checkpoint_as_load_sharded_does(tmp_path, ckp
     _write(mixed, weights.SCALE_BLOCKS)
     other = weights.random_params(CONFIG, 1, dict.fromkeys(weights.SCALE_BLOCKS, 2))
     index = names.index("transformer/decoder_layer_1/moe/linear/w")
-    with open(mixed / checkpoint.tensor_file_name(index), "wb") as file:
-        checkpoint.ReleasePickler(file).dump(other["transformer/decoder_layer_1/moe/linear"]["w"])
+    with open(mixed / files.tensor_file_name(index), "wb") as file:
+        pickles.ReleasePickler(file).dump(other["transformer/decoder_layer_1/moe/linear"]["w"])
     layers, sharded = _both_errors(mixed)
     assert layers == sharded and "every layer of transformer/decoder_layer/moe/linear/w" in layers
 

@@ -13,10 +13,11 @@ are compared only loosely: a bf16 rounding difference may legitimately pick the 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 
-import numpy_reference
-from grok import PRESETS, model, weights
+from grok import PRESETS
+from grok.model import transformer, weights
 
 TOLERANCE = 0.02
 TIE_MARGIN = 2e-3
@@ -60,7 +61,7 @@ def test_logits_and_layers_match_numpy_reference(preset, seed, monkeypatch):
     tokens = prompt_set(config, seed)
     ref_logits, ref_hidden, margin = run_reference(params, config, tokens, monkeypatch)
 
-    apply = jax.jit(model.build(config, return_hidden=True).apply)
+    apply = jax.jit(transformer.build(config, return_hidden=True).apply)
     out = apply(weights.stack_layers(params, config.num_layers), jnp.asarray(tokens))
     logits = np.asarray(out.logits, np.float32)
 
@@ -88,7 +89,7 @@ def test_reference_detects_a_wrong_model(monkeypatch):
     params = weights.random_params(config, 0)
     tokens = prompt_set(config, 0)
     ref_logits, _, margin = run_reference(params, config, tokens, monkeypatch)
-    monkeypatch.setattr(model.ops, "ATTN_SOFTCAP", 1e9)
-    out = model.build(config).apply(weights.stack_layers(params, config.num_layers), jnp.asarray(tokens))
+    monkeypatch.setattr(transformer.ops, "ATTN_SOFTCAP", 1e9)
+    out = transformer.build(config).apply(weights.stack_layers(params, config.num_layers), jnp.asarray(tokens))
     err = relative_error(np.asarray(out.logits, np.float32), ref_logits)
     assert err[tokens > 0].max() > TOLERANCE

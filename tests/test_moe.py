@@ -18,9 +18,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok import PRESETS, model, native, ops, weights
-from grok.quant import F32Experts, QuantizedWeight8bit, quantize, to_f32_weight
-from grok.sharding import Sharder, load_rules, make_mesh, no_constraint
+from grok import PRESETS, native
+from grok.model import ops, transformer, weights
+from grok.model.quant import F32Experts, QuantizedWeight8bit, quantize, to_f32_weight
+from grok.model.transformer import no_constraint
+from grok.parallel.sharding import Sharder, load_rules, make_mesh
 
 moe = jax.jit(ops.moe, static_argnums=6)
 
@@ -135,15 +137,15 @@ def test_bucket_sizes_and_auto_choice():
     with pytest.raises(ValueError, match="unknown moe_impl 'dense'"):
         ops.choose_moe_impl("dense", 1, 2, 8)
     with pytest.raises(ValueError, match="unknown moe_impl"):
-        model.build(PRESETS["tiny"], moe_impl="dense")
+        transformer.build(PRESETS["tiny"], moe_impl="dense")
 
 
 def test_expert_split_is_read_from_the_sharding_rules():
-    split = lambda rules, data, model_size: model.experts_split(Sharder(load_rules(rules), make_mesh(data, model_size)).constrain)
+    split = lambda rules, data, model_size: transformer.experts_split(Sharder(load_rules(rules), make_mesh(data, model_size)).constrain)
     assert split("expert_parallel", 1, 8) and split("expert_parallel", 2, 4)
     assert not split("expert_parallel", 8, 1)  # a model axis of one device splits nothing
     assert not split("tensor_parallel", 1, 8) and not split("replicated", 1, 8)
-    assert not model.experts_split(no_constraint)
+    assert not transformer.experts_split(no_constraint)
 
 
 def test_f32_weights_hold_the_dequantized_bf16_values():
@@ -151,7 +153,7 @@ def test_f32_weights_hold_the_dequantized_bf16_values():
     q = jax.tree.map(jnp.asarray, quantize(rng.standard_normal((3, 16, 8)), blocks=8))
     f32 = to_f32_weight(q, experts_axis=0)
     assert isinstance(f32, F32Experts) and f32.shape == (3, 16, 8) and len(f32.values_t) == 3
-    expected = np.asarray(jax.jit(model.as_matrix, static_argnums=1)(q, jnp.bfloat16), np.float32)
+    expected = np.asarray(jax.jit(transformer.as_matrix, static_argnums=1)(q, jnp.bfloat16), np.float32)
     for e in range(3):
         value = np.asarray(f32.values_t[e]).T  # stored [out, in]
         assert f32.values_t[e].dtype == jnp.float32
@@ -187,7 +189,7 @@ def setup(request):
     per_layer = weights.random_params(config, 11)
     stacked = weights.stack_layers(per_layer, config.num_layers)
     tokens = jnp.asarray(prompts(config, 1))
-    reference = jax.jit(model.build(config, moe_impl="all_experts").apply)(stacked, tokens).logits
+    reference = jax.jit(transformer.build(config, moe_impl="all_experts").apply)(stacked, tokens).logits
     return config, stacked, per_layer, tokens, reference
 
 
@@ -196,17 +198,17 @@ def setup(request):
 @pytest.mark.parametrize("moe_impl", ["ragged", "gather"])
 def test_model_logits_equal_all_experts(setup, moe_impl):
     config, stacked, _, tokens, reference = setup
-    logits = jax.jit(model.build(config, moe_impl=moe_impl).apply)(stacked, tokens).logits
+    logits = jax.jit(transformer.build(config, moe_impl=moe_impl).apply)(stacked, tokens).logits
     assert_logits_close(logits, reference, np.asarray(tokens) > config.pad_token)
 
 
 def test_unrolled_f32_model_equals_all_experts(setup):
     """The CPU format (per-layer tree, f32 weights, unrolled layers) gives the reference logits."""
     config, _, per_layer, tokens, reference = setup
-    params = model.f32_params(per_layer)
+    params = transformer.f32_params(per_layer)
     assert isinstance(params["transformer/decoder_layer_0/moe/linear_1"]["w"], F32Experts)
     for moe_impl in ("auto", "all_experts"):
-        apply = jax.jit(model.build(config, moe_impl=moe_impl, scan_layers=False).apply)
+        apply = jax.jit(transformer.build(config, moe_impl=moe_impl, scan_layers=False).apply)
         assert_logits_close(apply(params, tokens).logits, reference, np.asarray(tokens) > config.pad_token)
 
 
@@ -218,9 +220,9 @@ def test_cached_decode_with_fast_moe_matches_full_forward(setup):
     give the full-forward all_experts logits, for the scanned 8-bit model and the unrolled f32 one."""
     config, stacked, per_layer, tokens, reference = setup
     row = np.asarray(tokens[:1])  # the 20-token prompt (with a pad inside)
-    for params, scan in ((stacked, True), (model.f32_params(per_layer), False)):
-        apply = jax.jit(model.build(config, moe_impl="auto", scan_layers=scan).apply, donate_argnums=2)
-        out = apply(params, jnp.asarray(row[:, :12]), model.init_memory(config, 1, 32))
+    for params, scan in ((stacked, True), (transformer.f32_params(per_layer), False)):
+        apply = jax.jit(transformer.build(config, moe_impl="auto", scan_layers=scan).apply, donate_argnums=2)
+        out = apply(params, jnp.asarray(row[:, :12]), transformer.init_memory(config, 1, 32))
         logits = [np.asarray(out.logits[0], np.float32)]
         for t in range(12, 20):
             out = apply(params, jnp.asarray(row[:, t : t + 1]), out.memory)

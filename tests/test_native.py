@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok import model, native, ops
-from grok.quant import F32Experts
-from grok.sharding import Sharder, load_rules, make_mesh, no_constraint
+from grok import native
+from grok.model import ops, transformer
+from grok.model.quant import F32Experts
+from grok.model.transformer import no_constraint
+from grok.parallel.sharding import Sharder, load_rules, make_mesh
 
 needs_kernel = pytest.mark.skipif(native._unsupported_reason() is not None, reason=str(native._unsupported_reason()))
 
@@ -124,9 +126,9 @@ def test_only_unsharded_models_use_the_kernels():
     """The model passes `native_kernels=False` to attention when its activations are sharded over
     several devices: XLA cannot split a custom call, it would gather the whole cache."""
     rules = load_rules("tensor_parallel")
-    assert not model.sharded(no_constraint)
-    assert not model.sharded(Sharder(rules, make_mesh(1, 1, jax.devices()[:1])).constrain)
-    assert model.sharded(Sharder(rules, make_mesh(2, 4)).constrain)
+    assert not transformer.sharded(no_constraint)
+    assert not transformer.sharded(Sharder(rules, make_mesh(1, 1, jax.devices()[:1])).constrain)
+    assert transformer.sharded(Sharder(rules, make_mesh(2, 4)).constrain)
 
 
 @needs_kernel

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import numpy_reference
 import pytest
 
-import numpy_reference
-from grok import PRESETS, model, native, ops, weights
-from grok.quant import BF16Table, Int8CpuWeight, QuantizedWeight8bit, dequantize_to_f32
+from grok import PRESETS, native
+from grok.model import ops, transformer, weights
+from grok.model.quant import BF16Table, Int8CpuWeight, QuantizedWeight8bit, dequantize_to_f32
 
 needs_kernels = pytest.mark.skipif(not native.int8_available(), reason="the int8 kernels cannot be built here")
 
@@ -169,12 +170,12 @@ def test_int8_cpu_format_logits_equal_the_f32_format_and_the_reference(preset):
     config = PRESETS[preset]
     per_layer = weights.random_params(config, seed=0)
     tokens = _prompts(config)
-    apply = jax.jit(model.build(config, scan_layers=False).apply)
-    int8_params = model.cpu_int8_params(per_layer)
+    apply = jax.jit(transformer.build(config, scan_layers=False).apply)
+    int8_params = transformer.cpu_int8_params(per_layer)
     text = str(jax.make_jaxpr(apply)(int8_params, tokens))
     assert "grok_int8_matmul" in text and "grok_bf16_matmul_t" in text  # the native kernels run
     int8 = np.asarray(apply(int8_params, tokens).logits, np.float32)
-    f32 = np.asarray(apply(model.f32_params(per_layer), tokens).logits, np.float32)
+    f32 = np.asarray(apply(transformer.f32_params(per_layer), tokens).logits, np.float32)
     reference, _ = numpy_reference.reference_forward(per_layer, config, np.asarray(tokens))
     real = np.asarray(tokens) > config.pad_token
     for other in (f32, reference):
@@ -186,7 +187,7 @@ def test_int8_cpu_format_logits_equal_the_f32_format_and_the_reference(preset):
 def test_int8_cpu_format_holds_the_weights_as_loaded():
     config = PRESETS["tiny"]
     per_layer = weights.random_params(config, seed=0)
-    params = model.cpu_int8_params(per_layer)
+    params = transformer.cpu_int8_params(per_layer)
     for path, leaves in per_layer.items():
         for name, leaf in leaves.items():
             held = params[path][name]
@@ -207,13 +208,13 @@ def test_without_the_kernels_the_int8_format_runs_on_xla(monkeypatch):
     config = PRESETS["tiny"]
     per_layer = weights.random_params(config, seed=1)
     tokens = _prompts(config, 1)
-    params = model.cpu_int8_params(per_layer)
-    apply = model.build(config, scan_layers=False).apply
+    params = transformer.cpu_int8_params(per_layer)
+    apply = transformer.build(config, scan_layers=False).apply
     monkeypatch.setattr(ops, "int8_native", lambda: False)
     fallback = jax.jit(functools.partial(apply))
     assert "grok_int8" not in str(jax.make_jaxpr(fallback)(params, tokens))
     xla = np.asarray(fallback(params, tokens).logits, np.float32)
-    f32 = np.asarray(jax.jit(apply)(model.f32_params(per_layer), tokens).logits, np.float32)
+    f32 = np.asarray(jax.jit(apply)(transformer.f32_params(per_layer), tokens).logits, np.float32)
     real = np.asarray(tokens) > config.pad_token
     err = np.abs(xla - f32).max(-1) / np.abs(f32).max(-1)
     assert err[real].max() < 0.02

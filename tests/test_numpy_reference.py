@@ -9,8 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok.config import GrokConfig
-from grok.quant import QuantizedWeight8bit
+from grok.model.config import GrokConfig
+from grok.model.quant import QuantizedWeight8bit
 
 try:
     from tests.numpy_reference import (

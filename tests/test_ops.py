@@ -1,4 +1,4 @@
-"""One focused test per numerics detail of grok.ops / grok.quant / the tied embedding.
+"""One focused test per numerics detail of grok.model.ops / grok.model.quant / the tied embedding.
 
 Every expected value is written out here in NumPy (bf16 rounding via ml_dtypes), and where a
 plausible wrong variant exists the test also checks that it gives a clearly different answer.
@@ -15,11 +15,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok import ops
-from grok.config import PRESETS
-from grok.model import InOutEmbed, build
-from grok.quant import QuantizedWeight8bit, quantize
-from grok.quant import dequantize as _dequantize
+from grok.model import ops
+from grok.model.config import PRESETS
+from grok.model.quant import QuantizedWeight8bit
+from grok.model.quant import dequantize as _dequantize
+from grok.model.quant import quantize
+from grok.model.transformer import InOutEmbed, build
 
 BF16 = ml_dtypes.bfloat16
 GROK1 = PRESETS["grok-1"]

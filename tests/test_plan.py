@@ -2,7 +2,7 @@
 the layout chosen for a device count, and the fit targets of a 32-device pod.
 
 No weight of Grok-1 is allocated: shapes are ShapeDtypeStructs and both engine programs are
-compiled ahead of time (grok.plan). Run with -s to see the plans printed.
+compiled ahead of time (grok.planning.plan). Run with -s to see the plans printed.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from grok.config import PRESETS
-from grok.plan import GIB, Plan, choose_layout, make_plan, recommend
-from grok.sharding import ShardingError, Sharder, load_rules, mesh_of
+from grok.model.config import PRESETS
+from grok.parallel.sharding import Sharder, ShardingError, load_rules, mesh_of
+from grok.planning.plan import GIB, Plan, choose_layout, make_plan, recommend
 
 GROK1 = PRESETS["grok-1"]
 REPO = Path(__file__).resolve().parent.parent

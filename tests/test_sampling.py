@@ -1,4 +1,4 @@
-"""`grok.sampling.choose` against the full-sort sampler it replaces: same tokens for the same keys."""
+"""`grok.serving.sampling.choose` against the full-sort sampler it replaces: same tokens for the same keys."""
 
 import functools
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok import sampling
-from grok.sampling import CANDIDATES, choose, sample
+from grok.serving import sampling
+from grok.serving.sampling import CANDIDATES, choose, sample
 
 MAX_TOP = 8
 

@@ -19,17 +19,21 @@ import ml_dtypes
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
-
-from grok import PRESETS, checkpoint, hub, model, weights
-from grok.api import Grok
-from grok.checkpoint import SAFETENSORS_INDEX, CheckpointError, ReleasePickler, read_checkpoint, tensor_file_name
-from grok.convert import convert
-from grok.loader import load_sharded, place_params
-from grok.quant import QuantizedWeight8bit
-from grok.safetensors_checkpoint import file_name, tensor_keys, write_file
-from grok.sharding import Sharder, load_rules, make_mesh
 from numpy_reference import dequantize
 from param_checks import assert_same_params
+
+from grok import PRESETS
+from grok.checkpoint import files, hub, pickles
+from grok.checkpoint.convert import convert
+from grok.checkpoint.files import SAFETENSORS_INDEX, CheckpointError, tensor_file_name
+from grok.checkpoint.loader import load_sharded, place_params
+from grok.checkpoint.pickles import ReleasePickler
+from grok.checkpoint.read import read_checkpoint
+from grok.checkpoint.safetensors_format import file_name, tensor_keys, write_file
+from grok.model import transformer, weights
+from grok.model.quant import QuantizedWeight8bit
+from grok.parallel.sharding import Sharder, load_rules, make_mesh
+from grok.serving.api import Grok
 
 CONFIG = PRESETS["shard"]  # 8-bit input sizes: 64 (attention, moe/linear, moe/linear_v) and 88 (moe/linear_1)
 NAMES, _ = weights.flatten(weights.checkpoint_shapes(CONFIG))
@@ -63,7 +67,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, weights.Params]]:
     for layout, blocks in LAYOUTS.items():
         root = tmp_path_factory.mktemp(layout)
         params = weights.random_params(CONFIG, seed=5, scale_blocks=blocks)
-        checkpoint.write_checkpoint(params, root / "ckpt-0", progress=False)
+        pickles.write_checkpoint(params, root / "ckpt-0", progress=False)
         convert(root / "ckpt-0", root / "safetensors", CONFIG, progress=False)
         made[layout] = root, params
     return made
@@ -93,7 +97,7 @@ def reference_logits(checkpoints, sharders):
     def get(layout: str, mesh: str) -> np.ndarray:
         sharder = sharders[mesh]
         if mesh not in applies:
-            apply = model.build(CONFIG, constrain=sharder.constrain).apply
+            apply = transformer.build(CONFIG, constrain=sharder.constrain).apply
             applies[mesh] = jax.jit(lambda p, t: apply(p, t).logits, out_shardings=sharder.replicated())
         if (layout, mesh) not in logits:
             floats = place_params(dequantized(checkpoints[layout][1]), sharder.param_shardings(float_shapes))
@@ -276,7 +280,7 @@ def test_other_scale_mismatches_stay_errors():
     bf16 = ml_dtypes.bfloat16
 
     def check(scales: np.ndarray) -> None:
-        checkpoint.check_weight("FILE (NAME)", want, QuantizedWeight8bit(weight=weight, scales=scales))
+        files.check_weight("FILE (NAME)", want, QuantizedWeight8bit(weight=weight, scales=scales))
 
     check(np.zeros((8, 1, 64), bf16))
     check(np.zeros((8, 88, 64), bf16))  # a scale per element: valid too
@@ -312,7 +316,7 @@ def test_convert_again_keeps_files_with_other_block_counts(checkpoints, tmp_path
     out = Path(shutil.copytree(root / "safetensors", tmp_path / "safetensors"))
     mtimes = lambda: {path.name: path.stat().st_mtime_ns for path in out.iterdir() if path.name != SAFETENSORS_INDEX}
     before = mtimes()
-    monkeypatch.setattr(checkpoint, "load_tensor", lambda path: pytest.fail(f"read {path} again"))
+    monkeypatch.setattr(pickles, "load_tensor", lambda path: pytest.fail(f"read {path} again"))
     convert(root / "ckpt-0", out, CONFIG, progress=False)
     assert mtimes() == before
     index = json.loads((out / SAFETENSORS_INDEX).read_text())

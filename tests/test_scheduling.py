@@ -5,10 +5,10 @@ plain engine."""
 import numpy as np
 import pytest
 
-from grok import Grok, PRESETS, SamplingParams, weights
-from grok.engine import Engine, Request, Scheduling, prompt_lookup
-from grok.prefix_cache import block_hashes, bytes_per_block
-from grok import model
+from grok import PRESETS, Grok, SamplingParams
+from grok.model import transformer, weights
+from grok.serving.engine import Engine, Request, Scheduling, prompt_lookup
+from grok.serving.prefix_cache import block_hashes, bytes_per_block
 
 # A small embedding scale: with the stock scale, random embeddings swamp the layers and greedy
 # decoding repeats the last prompt token whatever the cache holds; with this one every token
@@ -38,7 +38,7 @@ def engine(grok, max_batch=4, **scheduling) -> Engine:
 
 
 def prefix_bytes(grok, blocks: int) -> int:
-    return blocks * bytes_per_block(CONFIG, BLOCK, CONFIG.num_kv_heads, model.cache_dtype())
+    return blocks * bytes_per_block(CONFIG, BLOCK, CONFIG.num_kv_heads, transformer.cache_dtype())
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_sixteen_streams_beside_a_long_prompt_with_prefix_hits_and_evictions_thr
     import httpx2
     from test_server import running, wait_for
 
-    from grok.server import create_app
+    from grok.server.app import create_app
 
     grok = Grok(CONFIG, params, None, cpu_format=True)
     busy = engine(grok, max_batch=8, prefill_budget=8, prefix_cache_bytes=prefix_bytes(grok, 6), block_size=BLOCK,
@@ -290,9 +290,9 @@ def test_every_feature_on_a_sharded_engine(grok, params, alone):
     format: a sharded model keeps its weights int8)."""
     if not grok.scan_layers:
         pytest.skip("a sharded model is in the int8 format")
-    from grok.sharding import Sharder, load_rules, make_mesh
-
     import jax
+
+    from grok.parallel.sharding import Sharder, load_rules, make_mesh
 
     sharder = Sharder(load_rules("tensor_parallel"), make_mesh(2, 2, jax.devices()[:4]))
     grok = Grok(CONFIG, params, None, sharder=sharder)

@@ -16,10 +16,12 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from grok import PRESETS, Grok, SamplingParams, weights
-from grok.engine import Engine, Request
-from grok.server import create_app, uvicorn_server
-from grok.tokenizer import ByteTokenizer
+from grok import PRESETS, Grok, SamplingParams
+from grok.model import weights
+from grok.server.app import create_app
+from grok.server.lifecycle import uvicorn_server
+from grok.serving.engine import Engine, Request
+from grok.serving.tokenizer import ByteTokenizer
 
 CONFIG = PRESETS["tiny"].replace(vocab_size=328)  # room for the byte tokenizer's ids
 MODEL = "grok-tiny"
@@ -404,8 +406,8 @@ def test_a_huge_valid_body_is_refused_without_blocking_the_server(url, http):
 
 def test_a_body_that_never_arrives_times_out(url, monkeypatch):
     """A declared body that is not sent gets 408 after the body timeout; the connection then closes."""
-    monkeypatch.setattr("grok.server.BODY_TIMEOUT_S", 0.5, raising=False)
-    monkeypatch.setattr("grok.server.DRAIN_TIMEOUT_S", 0.5, raising=False)
+    monkeypatch.setattr("grok.server.handlers.BODY_TIMEOUT_S", 0.5, raising=False)
+    monkeypatch.setattr("grok.server.body.DRAIN_TIMEOUT_S", 0.5, raising=False)
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         start = time.monotonic()

@@ -20,10 +20,13 @@ from jax._src.dispatch import BACKEND_COMPILE_EVENT
 from prometheus_client import generate_latest
 from test_server import CONFIG, MODEL, paused, running, wait_for
 
-from grok import Grok, weights
-from grok.engine import Engine
-from grok.server import Metrics, create_app, uvicorn_server
-from grok.tokenizer import ByteTokenizer
+from grok import Grok
+from grok.model import weights
+from grok.server.app import create_app
+from grok.server.lifecycle import uvicorn_server
+from grok.server.metrics import Metrics
+from grok.serving.engine import Engine
+from grok.serving.tokenizer import ByteTokenizer
 
 CACHE_LEN = 24  # prefill buckets of 16 and 24 tokens
 ROOT = Path(__file__).resolve().parents[1]

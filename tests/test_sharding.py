@@ -17,9 +17,18 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from grok import PRESETS, model, weights
-from grok.loader import place_params
-from grok.sharding import RULES_DIR, ShardingError, Sharder, load_rules, make_mesh, mesh_of, parse_mesh
+from grok import PRESETS
+from grok.checkpoint.loader import place_params
+from grok.model import transformer, weights
+from grok.parallel.sharding import (
+    RULES_DIR,
+    Sharder,
+    ShardingError,
+    load_rules,
+    make_mesh,
+    mesh_of,
+    parse_mesh,
+)
 
 # Heads, experts and widths all divide by 16; its 8 kv heads are repeated on 16 model shards.
 CONFIG = PRESETS["shard"].replace(num_q_heads=16, widening_factor=3.0)
@@ -74,18 +83,18 @@ def placed(sharder: Sharder, host_params, config=CONFIG) -> tuple[Sharder, dict]
 
 
 def full_logits(sharder, params, tokens, config=CONFIG):
-    apply = model.build(config, constrain=sharder.constrain).apply
+    apply = transformer.build(config, constrain=sharder.constrain).apply
     fn = jax.jit(lambda p, t: apply(p, t).logits, out_shardings=sharder.replicated())
     return np.asarray(fn(params, sharder.put(tokens, "tokens")), np.float32)
 
 
 def cached_logits(sharder, params, tokens, config=CONFIG, prompt_len=12):
     """Prefill the first `prompt_len` tokens, then decode the rest one by one from the cache."""
-    apply = jax.jit(model.build(config, constrain=sharder.constrain).apply)
+    apply = jax.jit(transformer.build(config, constrain=sharder.constrain).apply)
     b, t = tokens.shape
     put = sharder.put
-    shape = model.cache_shape(config, b, 32, sharder.cache_heads(config))
-    memory = model.KVMemory(
+    shape = transformer.cache_shape(config, b, 32, sharder.cache_heads(config))
+    memory = transformer.KVMemory(
         k=sharder.zeros_cache(shape),
         v=sharder.zeros_cache(shape),
         mask=put(np.zeros((b, 32), bool), "tokens"),
@@ -133,7 +142,7 @@ def test_kv_cache_with_fewer_kv_heads_than_model_shards(q_heads, cache_heads, pe
     config = PRESETS["tiny"].replace(num_q_heads=q_heads)
     sharder = sharder_for("tensor_parallel", (1, 8))
     assert sharder.cache_heads(config) == cache_heads
-    cache = sharder.zeros_cache(model.cache_shape(config, 8, 32, cache_heads))
+    cache = sharder.zeros_cache(transformer.cache_shape(config, 8, 32, cache_heads))
     assert cache.addressable_shards[0].data.shape[2] == per_device
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from grok import cli, native, threads
+from grok import cli, native
+from grok.parallel import threads
 
 ROOT = Path(__file__).resolve().parents[1]
 CPUS = threads.available_cpus()

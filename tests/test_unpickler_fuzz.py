@@ -1,4 +1,4 @@
-"""Fuzzing the release-format unpickler (`grok.checkpoint.load_tensor`).
+"""Fuzzing the release-format unpickler (`grok.checkpoint.pickles.load_tensor`).
 
 Valid tensor files, mutated by byte flips, truncations and opcode splices, must each load (as plain
 NumPy arrays of a numeric dtype) or be refused with a `CheckpointError` that names the file: no
@@ -19,11 +19,12 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-
-from grok import checkpoint
-from grok.checkpoint import CheckpointError, ReleasePickler, load_tensor
-from grok.quant import QuantizedWeight8bit
 from blocking import call_with_timeout
+
+from grok.checkpoint import files, pickles
+from grok.checkpoint.files import CheckpointError
+from grok.checkpoint.pickles import ReleasePickler, load_tensor
+from grok.model.quant import QuantizedWeight8bit
 
 SEED = 1
 CASES = 3000
@@ -57,7 +58,7 @@ def _valid_files(directory: Path) -> list[Path]:
     """The weights of `_weights` as tensor files, written by the release-format writer."""
     paths = []
     for i, (weight, pickler) in enumerate(_weights()):
-        path = directory / checkpoint.tensor_file_name(i)
+        path = directory / files.tensor_file_name(i)
         with open(path, "wb") as file:
             pickler(file).dump(weight)
         paths.append(path)
@@ -111,7 +112,7 @@ def _state(directory: Path) -> dict[str, object]:
     """What a pickle must not change: the files in `directory` (the working directory too), the imported
     modules, NumPy's dtypes, the allow-listed globals."""
     dtypes = [np.dtype(code) for code in np.typecodes["All"]] + [np.dtype(ml_dtypes.bfloat16)]
-    allowed = [QuantizedWeight8bit, ml_dtypes.bfloat16, np.ndarray, np.dtype, *checkpoint._ALLOWED_GLOBALS.values()]
+    allowed = [QuantizedWeight8bit, ml_dtypes.bfloat16, np.ndarray, np.dtype, *pickles._ALLOWED_GLOBALS.values()]
     return {
         "files": sorted(os.listdir(directory)),
         "modules": set(sys.modules),
@@ -165,7 +166,8 @@ FOUND = {
 # it would report the (large) pytest process the child was forked from.
 _LOAD_EACH = """
 import sys
-from grok.checkpoint import CheckpointError, load_tensor
+from grok.checkpoint.files import CheckpointError
+from grok.checkpoint.pickles import load_tensor
 for path in sys.argv[1:]:
     try:
         load_tensor(path)
@@ -199,7 +201,7 @@ def test_mutated_pickles_load_or_are_refused_with_no_side_effect(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     originals = [path.read_bytes() for path in _valid_files(tmp_path)]
     mutate = Mutator(originals, SEED)
-    path = tmp_path / checkpoint.tensor_file_name(0)
+    path = tmp_path / files.tensor_file_name(0)
     before = _state(tmp_path)
     counts = {"loaded": 0, "refused": 0}
     for case in range(CASES):

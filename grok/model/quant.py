@@ -82,7 +82,7 @@ class F32Weight:
     same numbers: XLA:CPU computes bf16 matmuls that way), at 4 bytes per weight instead of 1 but
     with no int8 conversion per step (about 1 G elements/s on 2 cores, slower than reading the
     f32 copy). Transposed, because XLA:CPU's products of a few rows with an [out, in] weight run
-    two to three times faster than with [in, out] (`grok.ops.matmul_t`).
+    two to three times faster than with [in, out] (`grok.model.ops.matmul_t`).
     """
 
     value_t: Shaped[Array, "... n_out n_in"]
@@ -177,7 +177,7 @@ class Int8CpuWeight(QuantizedWeight8bit):
     """A released 8-bit weight, the same int8 and bf16 arrays, marked for the native CPU kernels
     (`grok.native.int8_matmul`), which read it as stored: the int8 CPU format, 1 byte per weight.
 
-    Only a model on one CPU device holds these (`grok.model.cpu_int8_params`); anything that does
+    Only a model on one CPU device holds these (`grok.model.transformer.cpu_int8_params`); anything that does
     not know the class sees a `QuantizedWeight8bit` and dequantizes it with XLA.
     """
 

@@ -23,16 +23,15 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from grok.quant import QuantizedWeight8bit
+from grok.model.quant import QuantizedWeight8bit
 
-RULES_DIR = Path(__file__).resolve().parent.parent / "partition_rules"
+RULES_DIR = Path(__file__).resolve().parents[2] / "partition_rules"
 MESH_AXES = ("data", "model")  # the axes of a rules file with no [mesh] table
 UNSPLIT = "-"
 _STACKED_LAYERS = "transformer/decoder_layer/"
@@ -221,7 +220,7 @@ class Sharder:
         return NamedSharding(self.mesh, spec)
 
     def param_shardings(self, shapes: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
-        """Shardings for a model tree of shapes (from `grok.weights.model_shapes`), rule-checked."""
+        """Shardings for a model tree of shapes (from `grok.model.weights.model_shapes`), rule-checked."""
         used = set()
         out = {}
         for path, leaves in shapes.items():
@@ -319,6 +318,16 @@ class Sharder:
         names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
         return int(np.prod([self.mesh.shape[a] for a in names]))
 
+    def splits_experts(self) -> bool:
+        """Whether the rules split the expert axis of the expert weights over more than one device
+        (expert parallelism)."""
+        path = "transformer/decoder_layer/moe/linear/w"
+        rule = next((r for r in self.rules.params if re.search(r.pattern, path)), None)
+        if rule is None or not len(rule.spec) or rule.spec[0] is None:
+            return False
+        axes = rule.spec[0] if isinstance(rule.spec[0], tuple) else (rule.spec[0],)
+        return math.prod(self.mesh.shape[a] for a in axes) > 1
+
     def constrain(self, x: jax.Array, name: str) -> jax.Array:
         """Pin an activation to its rule's sharding (inside jit)."""
         return jax.lax.with_sharding_constraint(x, self.activation(name, tuple(x.shape)))
@@ -329,7 +338,7 @@ class Sharder:
         return jax.make_array_from_callback(x.shape, self.activation(name, x.shape), lambda index: x[index])
 
     def cache_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
-        """The layout of one layer's key or value cache [b, kv, s, d] (`grok.model.cache_shape`), or
+        """The layout of one layer's key or value cache [b, kv, s, d] (`grok.model.transformer.cache_shape`), or
         of all layers' stacked [layers, b, kv, s, d]: every layer laid out as `kv_cache`."""
         per_layer = self.activation("kv_cache", shape[-4:]).spec
         stacked = len(shape) - 4
@@ -343,14 +352,6 @@ class Sharder:
         return NamedSharding(self.mesh, PartitionSpec())
 
 
-Constrain = Callable[[jax.Array, str], jax.Array]
-
-
 def single_device() -> Sharder:
     """Everything on the first device: the `replicated` rules on a 1x1 mesh."""
     return Sharder(load_rules("replicated"), make_mesh(1, 1, jax.devices()[:1]))
-
-
-def no_constraint(x: jax.Array, name: str) -> jax.Array:
-    """Stand-in for `Sharder.constrain` when the model runs unsharded."""
-    return x

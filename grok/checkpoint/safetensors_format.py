@@ -1,4 +1,4 @@
-"""The converted checkpoint format: safetensors files plus an index, made by `grok.convert`.
+"""The converted checkpoint format: safetensors files plus an index, made by `grok.checkpoint.convert`.
 
 Why safetensors (rather than the release's pickles, or TensorStore/Zarr):
 - Loading runs no code. A file is an 8-byte header length, a JSON header (dtype, shape and byte
@@ -22,7 +22,7 @@ Layout of a converted directory (`checkpoints/safetensors/` by default):
   (one weight in memory) and resumable file by file.
 - `model.safetensors.index.json`: `{"metadata": {...}, "weight_map": {tensor name: file name}}`,
   the index layout other safetensors tools use. It is written last: a directory with it is a
-  finished conversion (see `grok.checkpoint.checkpoint_format`).
+  finished conversion (see `grok.checkpoint.files.checkpoint_format`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from grok.checkpoint import (
+from grok.checkpoint.files import (
     SAFETENSORS_INDEX,
     CheckpointError,
     LayerScaleBlocks,
@@ -47,7 +47,7 @@ from grok.checkpoint import (
     check_weight,
     open_regular_file,
 )
-from grok.quant import QuantizedWeight8bit
+from grok.model.quant import QuantizedWeight8bit
 
 FORMAT = "grok-1-safetensors"
 FORMAT_VERSION = "1"

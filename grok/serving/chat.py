@@ -2,7 +2,7 @@
 
 Grok-1 is a base model with no chat format of its own, so the server writes the conversation out
 as plain text from a template file (`run.py serve --chat-template FILE`; the default is
-`grok/chat_templates/plain.json`) and the model continues it. A template file is a JSON object:
+`grok/serving/chat_templates/plain.json`) and the model continues it. A template file is a JSON object:
 
     {
       "description": "any text; ignored",

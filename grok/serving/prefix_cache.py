@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
 
-from grok import model
+from grok.model import transformer
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per block
 DEFAULT_SHARE = 0.25  # serve's default prefix-cache memory, as a share of the KV cache's
@@ -34,10 +34,10 @@ DEFAULT_SHARE = 0.25  # serve's default prefix-cache memory, as a share of the K
 
 class Blocks(NamedTuple):
     """The store: `k`/`v` as a KV cache of `capacity` rows of `block_size` positions
-    (`grok.model.Cache`), and each position's key mask."""
+    (`grok.model.transformer.Cache`), and each position's key mask."""
 
-    k: model.Cache
-    v: model.Cache
+    k: transformer.Cache
+    v: transformer.Cache
     mask: Bool[Array, "capacity block"]
 
 
@@ -109,13 +109,13 @@ class PrefixCache:
 
 def bytes_per_block(config, block_size: int, kv_heads: int, dtype) -> int:
     """Device bytes of one stored block: keys and values of every layer, and the mask."""
-    _, _, heads, _, size = model.cache_shape(config, 1, block_size, kv_heads)
+    _, _, heads, _, size = transformer.cache_shape(config, 1, block_size, kv_heads)
     return 2 * config.num_layers * heads * block_size * size * jnp.dtype(dtype).itemsize + block_size
 
 
 def default_bytes(config, batch: int, cache_len: int, kv_heads: int, dtype) -> int:
     """serve's default prefix-cache memory: DEFAULT_SHARE of the KV cache's (keys and values)."""
-    return int(DEFAULT_SHARE * 2 * math.prod(model.cache_shape(config, batch, cache_len, kv_heads)) * jnp.dtype(dtype).itemsize)
+    return int(DEFAULT_SHARE * 2 * math.prod(transformer.cache_shape(config, batch, cache_len, kv_heads)) * jnp.dtype(dtype).itemsize)
 
 
 def _axes(x: Array) -> tuple[int, int]:
@@ -143,8 +143,8 @@ def _copy_all(dst, src, dst_row, dst_pos, src_row, src_pos, size):
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def restore(
-    block_size: int, memory: model.KVMemory, blocks: Blocks, slot: Int[Array, ""], rows: Int[Array, "n"], count: Int[Array, ""]
-) -> model.KVMemory:
+    block_size: int, memory: transformer.KVMemory, blocks: Blocks, slot: Int[Array, ""], rows: Int[Array, "n"], count: Int[Array, ""]
+) -> transformer.KVMemory:
     """Empty cache row `slot`, then fill its first `count` blocks from the store's `rows[:count]`;
     the row's step becomes count * block_size."""
     mine = (memory.k, memory.v, memory.mask)
@@ -162,7 +162,7 @@ def restore(
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def save(
-    block_size: int, blocks: Blocks, memory: model.KVMemory, slot: Int[Array, ""],
+    block_size: int, blocks: Blocks, memory: transformer.KVMemory, slot: Int[Array, ""],
     indices: Int[Array, "n"], rows: Int[Array, "n"], count: Int[Array, ""],
 ) -> Blocks:
     """Copy block `indices[j]` of cache row `slot` into store row `rows[j]`, for j < count."""

@@ -9,7 +9,7 @@ Every request samples with its own settings and a key derived from its seed and 
 so its output does not depend on what else is in the batch.
 
 Two more features leave every output unchanged (`Scheduling`): a prefix cache
-(`grok.prefix_cache`) restores the keys and values of blocks of earlier prompts that a new prompt
+(`grok.serving.prefix_cache`) restores the keys and values of blocks of earlier prompts that a new prompt
 starts with, and prompt-lookup speculative decoding feeds a greedy stream's latest token together
 with tokens proposed from its own earlier text, keeping those the model agrees with.
 
@@ -23,31 +23,50 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import functools
 import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
-from grok import model
-from grok.loader import place
-from grok.prefix_cache import DEFAULT_BLOCK_SIZE, Blocks, PrefixCache, block_hashes, bytes_per_block, restore, save
-from grok.sampling import SamplingParams, choose
-
-if TYPE_CHECKING:
-    from grok.api import Grok
+from grok.checkpoint.loader import place
+from grok.model import transformer
+from grok.model.config import GrokConfig
+from grok.parallel.sharding import Sharder
+from grok.serving.prefix_cache import (
+    DEFAULT_BLOCK_SIZE,
+    Blocks,
+    PrefixCache,
+    block_hashes,
+    bytes_per_block,
+    restore,
+    save,
+)
+from grok.serving.programs import MAX_TOP_LOGPROBS, row_settings, step_functions
+from grok.serving.sampling import SamplingParams
+from grok.serving.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-MAX_TOP_LOGPROBS = 8  # alternatives reported per token, at most (the reference reports 8)
 PREFILL_CHUNK = 512  # prompt tokens prefilled per call, at most (the largest bucket)
 MAX_REST = 16  # decode steps a stream whose proposals keep failing waits before proposing again
+
+
+class Model(Protocol):
+    """What an engine needs of a loaded model: a `grok.serving.api.Grok`, declared here so that the
+    engine does not import the API that builds on it."""
+
+    config: GrokConfig
+    tokenizer: Tokenizer | None
+    sharder: Sharder
+    params: Any  # the model tree, as `apply` takes it
+    apply: Callable
+    scan_layers: bool
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +196,7 @@ class Scheduling:
       largest bucket whose measured prefill time is at most the measured decode step's, so a
       newcomer at most doubles the running streams' inter-token latency on any hardware. With
       no stream decoding, prompts prefill `prefill_chunk` tokens per step.
-    - `prefix_cache_bytes`: device memory for stored prompt blocks (`grok.prefix_cache`); 0 is off.
+    - `prefix_cache_bytes`: device memory for stored prompt blocks (`grok.serving.prefix_cache`); 0 is off.
     - `block_size`: tokens per stored block.
     - `speculate`: tokens proposed by prompt lookup per greedy stream and step (0 is off).
     - `speculate_max_batch`: speculate only while at most this many streams decode (a verify step
@@ -211,7 +230,7 @@ class Engine:
     """Continuous batching over `max_batch` slots of `cache_len` positions each."""
 
     def __init__(
-        self, grok: Grok, max_batch: int = 8, cache_len: int | None = None, prefill_chunk: int | None = None,
+        self, grok: Model, max_batch: int = 8, cache_len: int | None = None, prefill_chunk: int | None = None,
         scheduling: Scheduling = Scheduling(),
     ):
         config = grok.config
@@ -244,10 +263,10 @@ class Engine:
         sharder = grok.sharder
         kv_heads = sharder.cache_heads(config)
 
-        def cache(rows: int, length: int) -> model.Cache:
-            return model.empty_cache(config, rows, length, grok.scan_layers, sharder.zeros_cache, kv_heads)
+        def cache(rows: int, length: int) -> transformer.Cache:
+            return transformer.empty_cache(config, rows, length, grok.scan_layers, sharder.zeros_cache, kv_heads)
 
-        self._memory = model.KVMemory(
+        self._memory = transformer.KVMemory(
             k=cache(max_batch, self.cache_len),
             v=cache(max_batch, self.cache_len),
             mask=sharder.put(np.zeros((max_batch, self.cache_len), bool), "tokens"),
@@ -255,7 +274,7 @@ class Engine:
         )
         self.prefix_cache: PrefixCache | None = None
         block = scheduling.block_size
-        capacity = scheduling.prefix_cache_bytes // bytes_per_block(config, block, kv_heads, model.cache_dtype())
+        capacity = scheduling.prefix_cache_bytes // bytes_per_block(config, block, kv_heads, transformer.cache_dtype())
         if capacity > 0 and block < self.cache_len:
             blocks = Blocks(k=cache(capacity, block), v=cache(capacity, block),
                             mask=sharder.put(np.zeros((capacity, block), bool), "tokens"))
@@ -639,72 +658,3 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 def _bucket(n: int, limit: int) -> int:
     """Prefill lengths are padded to powers of two (at least 16), so few shapes are compiled."""
     return min(max(16, 1 << (n - 1).bit_length()), limit)
-
-
-def _choose(logits, positions, settings, active=True):
-    """Choose each row's token (`grok.sampling.choose`: rows not `active` cost an argmax); also its
-    log-probability and the top alternatives (pre-temperature). Row r samples with a key made of
-    its seed and `positions[r]`, so its choice does not depend on the batch."""
-    keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(settings["seed"], positions)
-    return choose(logits, keys, settings["temperature"], settings["top_p"], settings["top_k"], active, MAX_TOP_LOGPROBS)
-
-
-def row_settings(rows: int) -> dict[str, np.ndarray]:
-    """Per-row sampling settings as the step functions take them, set to greedy decoding."""
-    return {
-        "seed": np.zeros(rows, np.uint32),
-        "temperature": np.zeros(rows, np.float32),
-        "top_p": np.ones(rows, np.float32),
-        "top_k": np.zeros(rows, np.int32),
-    }
-
-
-@functools.cache  # engines of one model share their compiled programs
-def step_functions(apply: Callable, replicated: NamedSharding) -> tuple[Callable, Callable]:
-    """The engine's two jitted programs, the cache donated and sampled outputs replicated:
-    `prefill(params, memory, slot, tokens [1, T], length, reset, settings of the row)` and
-    `decode(params, memory, tokens [B, T], lengths [B], settings)` (also compiled by `grok.plan`)."""
-    jit = functools.partial(jax.jit, out_shardings=(replicated, None), donate_argnums=1)
-    return jit(functools.partial(_prefill_slot, apply)), jit(functools.partial(_decode_all, apply))
-
-
-def _prefill_slot(apply, params, memory, slot, tokens, length, reset, settings):
-    """Run a prompt chunk for one cache row (emptied first when `reset`) and sample after it."""
-
-    # The batch axis of every cache array: after the layer axis (stacked caches), else first;
-    # mask [b, s] and step [b] have it first.
-    def batch_axis(x):
-        return max(x.ndim - 4, 0)
-
-    def row(x):
-        return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=batch_axis(x))
-
-    def put(x, new_row):
-        return jax.lax.dynamic_update_slice_in_dim(x, new_row, slot, axis=batch_axis(x))
-
-    mine = jax.tree.map(row, memory)
-    mine = mine._replace(mask=jnp.where(reset, False, mine.mask), step=jnp.where(reset, 0, mine.step))
-    out = apply(params, tokens, mine, length[None], length[None] - 1)  # the logits of the last token only
-    new = out.memory
-    memory = jax.tree.map(put, memory, new)
-    return _choose(out.logits[0], new.step, settings), memory
-
-
-def _decode_all(apply, params, memory, tokens, lengths, settings):
-    """Every decoding row feeds its first `lengths[b]` tokens (rows of length 0 do not advance):
-    its latest token, then any tokens proposed to follow it. Returns, for each fed position, the
-    token chosen after it (with its log-probability and top alternatives) and, per row, how many
-    proposals were accepted: the leading ones that equal the greedy choice before them (sampled
-    rows are given none). The row's step advances past the latest token and its accepted
-    proposals; positions past that are left to be overwritten."""
-    b, t = tokens.shape
-    out = apply(params, tokens, memory, lengths)
-    positions = memory.step[:, None] + 1 + jnp.arange(t)[None, :]  # as if each were fed alone
-    per_position = {k: jnp.repeat(v, t) for k, v in settings.items()}
-    fed = (jnp.arange(t)[None, :] < lengths[:, None]).reshape(-1)
-    chosen = _choose(out.logits.reshape(b * t, -1), positions.reshape(-1), per_position, fed)
-    chosen = tuple(x.reshape(b, t, *x.shape[1:]) for x in chosen)
-    matches = (tokens[:, 1:] == chosen[0][:, :-1]) & (jnp.arange(1, t)[None, :] < lengths[:, None])
-    accepted = jnp.where(settings["temperature"] == 0, jnp.cumprod(matches, axis=1).sum(axis=1), 0)
-    step = memory.step + jnp.where(lengths > 0, 1 + accepted, 0)
-    return (*chosen, accepted), out.memory._replace(step=step)

@@ -12,16 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from grok import model
-from grok.config import GrokConfig
-from grok.engine import row_settings, step_functions
-from grok.sharding import Sharder
-from grok.weights import model_shapes
+from grok.model import transformer
+from grok.model.config import GrokConfig
+from grok.model.weights import model_shapes
+from grok.parallel.sharding import Sharder
+from grok.serving.programs import row_settings, step_functions
 
 
 def decode_inputs(
-    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, cache_dtype=model.DTYPE
-) -> tuple[dict, jax.ShapeDtypeStruct, model.KVMemory]:
+    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, cache_dtype=transformer.DTYPE
+) -> tuple[dict, jax.ShapeDtypeStruct, transformer.KVMemory]:
     """(params, token [batch, 1], memory) of a decode step as ShapeDtypeStructs carrying the
     shardings `sharder` gives them; the cache is bf16, as on an accelerator, unless told."""
     shapes = model_shapes(config)
@@ -30,10 +30,10 @@ def decode_inputs(
         shapes,
         sharder.param_shardings(shapes),
     )
-    cache = model.cache_shape(config, batch, cache_len, sharder.cache_heads(config))
+    cache = transformer.cache_shape(config, batch, cache_len, sharder.cache_heads(config))
     kv = sharder.cache_sharding(cache)
     rows = sharder.activation("tokens", (batch, 1))
-    memory = model.KVMemory(
+    memory = transformer.KVMemory(
         k=jax.ShapeDtypeStruct(cache, cache_dtype, sharding=kv),
         v=jax.ShapeDtypeStruct(cache, cache_dtype, sharding=kv),
         mask=jax.ShapeDtypeStruct((batch, cache_len), jnp.bool_, sharding=sharder.activation("tokens", (batch, cache_len))),
@@ -44,11 +44,11 @@ def decode_inputs(
 
 def compile_decode(
     config: GrokConfig, sharder: Sharder, batch: int, cache_len: int
-) -> tuple[jax.stages.Compiled, model.KVMemory, float, float]:
+) -> tuple[jax.stages.Compiled, transformer.KVMemory, float, float]:
     """Lower and compile one decode step (`apply(params, token, memory)`, memory donated as the
     engine does) for `decode_inputs`; returns (compiled, its abstract memory, lower s, compile s)."""
     params, token, memory = decode_inputs(config, sharder, batch, cache_len)
-    apply = model.build(config, constrain=sharder.constrain).apply
+    apply = transformer.build(config, constrain=sharder.constrain).apply
 
     def step(params, token, memory):
         out = apply(params, token, memory)
@@ -72,13 +72,13 @@ class Step(NamedTuple):
 
 
 def engine_steps(
-    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, prefill_len: int, cache_dtype=model.DTYPE
+    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, prefill_len: int, cache_dtype=transformer.DTYPE
 ) -> dict[str, Step]:
     """The engine's decode step (`batch` rows) and prefill chunk (one row of `prefill_len` tokens)
     over a `batch` x `cache_len` cache, lowered for `decode_inputs`' abstract arguments: exactly
-    what `grok.engine.Engine` runs (`grok.engine.step_functions`)."""
+    what `grok.serving.engine.Engine` runs (`grok.serving.programs.step_functions`)."""
     params, token, memory = decode_inputs(config, sharder, batch, cache_len, cache_dtype)
-    apply = model.build(config, constrain=sharder.constrain).apply
+    apply = transformer.build(config, constrain=sharder.constrain).apply
     prefill, decode = step_functions(apply, sharder.replicated())
     replicated = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharder.replicated())
     row = jax.tree.map(replicated, row_settings(1))

@@ -13,13 +13,14 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from grok import checkpoint, model, weights
-from grok.config import GrokConfig, load_config
-from grok.engine import Engine, Generation, Request
-from grok.loader import load_layers, load_sharded, place
-from grok.sampling import SamplingParams
-from grok.sharding import Sharder, single_device
-from grok.tokenizer import Tokenizer, load_tokenizer
+from grok.checkpoint.files import resolve_checkpoint_dir
+from grok.checkpoint.loader import load_layers, load_sharded, place
+from grok.model import transformer, weights
+from grok.model.config import GrokConfig, load_config
+from grok.parallel.sharding import Sharder, single_device
+from grok.serving.engine import Engine, Generation, Request
+from grok.serving.sampling import SamplingParams
+from grok.serving.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_BLOCK = 128  # `logits` pads sequences to a multiple of this, so few shapes are compiled
 
@@ -34,10 +35,10 @@ class Grok:
     """A loaded model: parameters (model tree) placed on a mesh, its config, optionally a tokenizer.
 
     Without a `sharder` everything lives on the first device (the `replicated` rules on a 1x1 mesh).
-    On one CPU device the weights are held in the int8 CPU format (`grok.model.cpu_int8_params`:
+    On one CPU device the weights are held in the int8 CPU format (`grok.model.transformer.cpu_int8_params`:
     the released 8-bit weights as loaded, read by native kernels, the embedding table in bf16;
     unrolled layers). `cpu_format=True` holds them in the f32 CPU format instead
-    (`grok.model.f32_params`: every 8-bit weight dequantized once to float32, 4x its memory), kept
+    (`grok.model.transformer.f32_params`: every 8-bit weight dequantized once to float32, 4x its memory), kept
     for comparison. Elsewhere the weights stay as released, in the scanned layers' stacked tree.
     All formats give the same numbers.
     """
@@ -58,7 +59,7 @@ class Grok:
             raise ValueError("cpu_format needs a single CPU device: the f32 CPU format is not sharded")
         self.scan_layers = not one_cpu
         if one_cpu:  # per-layer weights (a stacked tree is split first), converted one by one onto the device
-            convert = model.f32_params if cpu_format else model.cpu_int8_params
+            convert = transformer.f32_params if cpu_format else transformer.cpu_int8_params
             with jax.default_device(self.sharder.mesh.devices.flat[0]):
                 self.params = convert(weights.unstack_layers(params, config.num_layers))
         else:
@@ -70,7 +71,7 @@ class Grok:
                 lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s else place(np.asarray(x), s),
                 params, self.sharder.param_shardings(shapes),
             )
-        self.apply = model.build(config, constrain=self.sharder.constrain, scan_layers=self.scan_layers).apply
+        self.apply = transformer.build(config, constrain=self.sharder.constrain, scan_layers=self.scan_layers).apply
         self._logits = jax.jit(lambda p, tokens: self.apply(p, tokens).logits, out_shardings=self.sharder.replicated())
         self._engine: Engine | None = None  # made on the first `generate`
 
@@ -87,18 +88,18 @@ class Grok:
         """Load a release-format checkpoint; `config` is a preset name, a JSON file or a `GrokConfig`;
         `tokenizer` a SentencePiece model file, "bytes" (the demo's `ByteTokenizer`) or a tokenizer.
 
-        With a `sharder`, each weight goes straight to its shards (see `grok.loader`). On one CPU
-        device each is converted to the CPU format as it is read (`grok.loader.load_layers`), so
+        With a `sharder`, each weight goes straight to its shards (see `grok.checkpoint.loader`). On one CPU
+        device each is converted to the CPU format as it is read (`grok.checkpoint.loader.load_layers`), so
         loading holds at most one tensor file more than the loaded model.
         """
         config = load_config(config)
-        directory = checkpoint.resolve_checkpoint_dir(directory)  # fail fast, before anything slow
+        directory = resolve_checkpoint_dir(directory)  # fail fast, before anything slow
         if tokenizer is not None:
             tokenizer = load_tokenizer(tokenizer)
         sharder = sharder or single_device()
         sharder.check_activations(config)
         if _one_cpu_device(sharder):
-            leaf = model.f32_leaf if cpu_format else model.cpu_int8_leaf
+            leaf = transformer.f32_leaf if cpu_format else transformer.cpu_int8_leaf
             with jax.default_device(sharder.mesh.devices.flat[0]):
                 params = load_layers(directory, config, convert=leaf, progress=progress)
         else:
@@ -137,7 +138,7 @@ class Grok:
     ) -> Generation:
         """Continue one prompt until EOS, `max_new_tokens`, or the context (sequence_len) is full.
 
-        For many prompts at once, use `grok.engine.Engine` (continuous batching).
+        For many prompts at once, use `grok.serving.engine.Engine` (continuous batching).
         """
         if self._engine is None:
             self._engine = Engine(self, max_batch=1)

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from grok import model
-from grok.config import GrokConfig
-from grok.quant import QuantizedWeight8bit
+from grok.model import transformer
+from grok.model.config import GrokConfig
+from grok.model.quant import QuantizedWeight8bit
 
 Params = dict[str, dict[str, object]]
 
@@ -48,7 +48,7 @@ def model_shapes(config: GrokConfig, scale_blocks: Mapping[str, int] = SCALE_BLO
     default as released).
     """
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    shapes = jax.eval_shape(model.build(config).init, jax.random.key(0), tokens)
+    shapes = jax.eval_shape(transformer.build(config).init, jax.random.key(0), tokens)
     tree: Params = {}
     for path, leaves in shapes.items():
         blocks = scale_blocks.get(path.removeprefix(_STACKED))
@@ -71,7 +71,7 @@ def with_scale_blocks_of(want, weight):
     """Abstract weight `want` with its scales in as many row blocks as `weight` (what a file holds) has.
 
     Unchanged when either is a float weight. Shardings of the scales depend on their block count
-    (`grok.sharding.Sharder`), so they are computed from this rather than from the release's layout.
+    (`grok.parallel.sharding.Sharder`), so they are computed from this rather than from the release's layout.
     """
     if not isinstance(want, QuantizedWeight8bit) or not isinstance(weight, QuantizedWeight8bit):
         return want

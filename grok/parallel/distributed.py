@@ -1,7 +1,7 @@
 """Running one model over many processes (hosts): start `jax.distributed` before anything else.
 
 Every process runs the same program (`python run.py generate ...` on each host); together their
-devices form one mesh (`grok.sharding.make_mesh` uses `jax.devices()`, all processes' devices).
+devices form one mesh (`grok.parallel.sharding.make_mesh` uses `jax.devices()`, all processes' devices).
 There are two ways to say which processes take part:
 
 * Explicitly: the same coordinator and process count on every process, and each its own process id.

@@ -3,14 +3,14 @@
 `make_plan` takes a config and a `Sharder` (rules on a mesh, usually of virtual CPU devices), and
 with no weight allocated
 - counts each device's parameter bytes and KV-cache bytes from the shardings themselves,
-- lowers and compiles the engine's two programs (`grok.aot.engine_steps`: one decode step of the
+- lowers and compiles the engine's two programs (`grok.planning.aot.engine_steps`: one decode step of the
   whole batch, one prefill chunk of the largest bucket) and takes their temporary bytes from
   XLA's memory analysis,
 and says which common device sizes the total fits. `recommend` is the layout chosen for a device
 count when none is given (partition_rules/README.md has the table).
 
 The temporaries are XLA:CPU's buffer assignment for the same sharded program, compiled with the
-cache held as bf16 words (`grok.model.WORDS`: the same bits, so XLA:CPU updates it in place as an
+cache held as bf16 words (`grok.model.transformer.WORDS`: the same bits, so XLA:CPU updates it in place as an
 accelerator does). A GPU or TPU compiler fuses differently, so treat them as an estimate and keep
 some memory spare.
 """
@@ -26,12 +26,21 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from grok import aot, model
-from grok.config import GrokConfig
-from grok.engine import PREFILL_CHUNK
-from grok.prefix_cache import DEFAULT_BLOCK_SIZE, bytes_per_block, default_bytes
-from grok.sharding import RULES_DIR, PartitionRules, Sharder, ShardingError, load_rules, mesh_text, parse_mesh
-from grok.weights import model_shapes
+from grok.model import transformer
+from grok.model.config import GrokConfig
+from grok.model.weights import model_shapes
+from grok.parallel.sharding import (
+    RULES_DIR,
+    PartitionRules,
+    Sharder,
+    ShardingError,
+    load_rules,
+    mesh_text,
+    parse_mesh,
+)
+from grok.planning import aot
+from grok.serving.engine import PREFILL_CHUNK
+from grok.serving.prefix_cache import DEFAULT_BLOCK_SIZE, bytes_per_block, default_bytes
 
 # Memory of common accelerators, GiB: TPU v5e, A10/L4 (24), v4 and V100 (32), A100 (40/80),
 # L40S/A6000 (48), H20 (96), H200 (141).
@@ -95,7 +104,7 @@ class Plan:
     prefill_len: int
     params_bytes_per_device: int
     kv_bytes_per_device: int
-    prefix_cache_bytes_per_device: int  # serve's prefix cache (`grok.prefix_cache`)
+    prefix_cache_bytes_per_device: int  # serve's prefix cache (`grok.serving.prefix_cache`)
     temp_bytes_per_device: int
     temp_bytes: dict[str, int]  # per program: decode, prefill
     compile_s: dict[str, float]  # lower + compile, per program
@@ -166,16 +175,16 @@ def make_plan(
     rules_name = source.stem if source.parent == RULES_DIR else str(source)
     shapes = model_shapes(config)
     params_bytes = _bytes_per_device(shapes, sharder.param_shardings(shapes))
-    cache = jax.ShapeDtypeStruct(model.cache_shape(config, batch, cache_len, sharder.cache_heads(config)), model.DTYPE)
+    cache = jax.ShapeDtypeStruct(transformer.cache_shape(config, batch, cache_len, sharder.cache_heads(config)), transformer.DTYPE)
     kv_bytes = 2 * _bytes_per_device(cache, sharder.cache_sharding(cache.shape))  # keys and values
     heads, block = sharder.cache_heads(config), DEFAULT_BLOCK_SIZE
     if prefix_cache_bytes is None:
-        prefix_cache_bytes = default_bytes(config, batch, cache_len, heads, model.DTYPE)
-    blocks = prefix_cache_bytes // bytes_per_block(config, block, heads, model.DTYPE)
-    store = jax.ShapeDtypeStruct(model.cache_shape(config, blocks, block, heads), model.DTYPE)
+        prefix_cache_bytes = default_bytes(config, batch, cache_len, heads, transformer.DTYPE)
+    blocks = prefix_cache_bytes // bytes_per_block(config, block, heads, transformer.DTYPE)
+    store = jax.ShapeDtypeStruct(transformer.cache_shape(config, blocks, block, heads), transformer.DTYPE)
     prefix_bytes = 2 * _bytes_per_device(store, sharder.cache_sharding(store.shape)) if blocks else 0
     temp, seconds = {}, {}
-    steps = aot.engine_steps(config, sharder, batch, cache_len, min(prefill_len, cache_len), model.WORDS)
+    steps = aot.engine_steps(config, sharder, batch, cache_len, min(prefill_len, cache_len), transformer.WORDS)
     for name, step in steps.items():
         start = time.perf_counter()
         compiled = step.lowered.compile()

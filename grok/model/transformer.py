@@ -1,30 +1,29 @@
-"""Grok-1 as Haiku modules. Modules own parameters (tree as in GROK1.md); the math is in `grok.ops`.
+"""Grok-1 as Haiku modules. Modules own parameters (tree as in GROK1.md); the math is in `grok.model.ops`.
 
 The decoder layers run as one `hk.layer_stack` scan, so their parameters are stacked along a
-leading layer axis under `transformer/decoder_layer/...`; `grok.weights` maps that tree to and from
+leading layer axis under `transformer/decoder_layer/...`; `grok.model.weights` maps that tree to and from
 the per-layer tree `transformer/decoder_layer_{i}/...` of the released checkpoint. With
 `build(..., scan_layers=False)` the layers are unrolled instead and take that per-layer tree as is.
 
 Two switches trade speed, memory and compile time (see `build`): `moe_impl` picks how the mixture
-of experts runs (`grok.ops.moe`), and the weights may be 8-bit as released or, for CPUs, converted
+of experts runs (`grok.model.ops.moe`), and the weights may be 8-bit as released or, for CPUs, converted
 once by `f32_params`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from grok import ops
-from grok.config import GrokConfig
-from grok.quant import (
+from grok.model import ops
+from grok.model.config import GrokConfig
+from grok.model.quant import (
     BF16Table,
     F32Experts,
     F32Table,
@@ -37,9 +36,28 @@ from grok.quant import (
     to_f32_weight,
     to_int8_cpu_weight,
 )
-from grok.sharding import Constrain, Sharder, no_constraint
 
 DTYPE = jnp.bfloat16  # activations ("fprop dtype") of the released model
+
+# Places a named activation on devices (`grok.parallel.sharding.Sharder.constrain`), or leaves it.
+Constrain = Callable[[jax.Array, str], jax.Array]
+
+
+def no_constraint(x: jax.Array, name: str) -> jax.Array:
+    """Stand-in for `Sharder.constrain` when the model runs unsharded."""
+    return x
+
+
+@runtime_checkable
+class Layout(Protocol):
+    """What the model asks of the object whose `constrain` it is given: a
+    `grok.parallel.sharding.Sharder`, declared here so that the model does not import the sharding."""
+
+    mesh: jax.sharding.Mesh
+
+    def cache_heads(self, config: GrokConfig) -> int: ...
+
+    def splits_experts(self) -> bool: ...
 
 
 # Every layer's keys (or values): stacked [layers, b, kv, s, d] for the scanned layers, or a tuple
@@ -66,12 +84,12 @@ def cache_shape(
     laid out as the attention products read them, so no step transposes the cache.
 
     `kv_heads` defaults to the config's; a sharded cache may hold each head repeated
-    (`grok.sharding.Sharder.cache_heads`), and attention follows the cache it is given."""
+    (`grok.parallel.sharding.Sharder.cache_heads`), and attention follows the cache it is given."""
     return (config.num_layers, batch_size, kv_heads or config.num_kv_heads, length, config.key_size)
 
 
 # A cache may also hold its bf16 values as raw 16-bit words: the same bits, read and written through
-# free bitcasts. `grok.plan` compiles with such a cache, because XLA:CPU cannot scatter bf16 and
+# free bitcasts. `grok.planning.plan` compiles with such a cache, because XLA:CPU cannot scatter bf16 and
 # would convert the whole cache to f32 and back around each write (two whole-cache temporaries an
 # accelerator never makes); a scatter of uint16 words is done in place.
 WORDS = jnp.uint16
@@ -80,7 +98,7 @@ WORDS = jnp.uint16
 def cache_dtype() -> jnp.dtype:
     """bf16 (the released model's), except on a CPU backend: float32 holding the same bf16 values,
     so attention reads the cache as it is instead of converting all of it every step (XLA:CPU has
-    no fast bf16 matmul). Twice the cache memory; the same numbers (`grok.ops.attention`)."""
+    no fast bf16 matmul). Twice the cache memory; the same numbers (`grok.model.ops.attention`)."""
     return jnp.float32 if jax.default_backend() == "cpu" else DTYPE
 
 
@@ -245,9 +263,9 @@ def _values(x: Array) -> Array:
 class MoELayer(hk.Module):
     """Router plus experts; every expert is a gated-GELU block with stacked [E, ...] weights.
 
-    `impl` is the `grok.ops.moe` strategy; the weights reach it as stored (8-bit, float or
+    `impl` is the `grok.model.ops.moe` strategy; the weights reach it as stored (8-bit, float or
     `F32Experts`), so a fast strategy dequantizes only the experts it runs. `experts_split` says
-    the expert axis is split over devices (it steers "auto", see `grok.ops.choose_moe_impl`).
+    the expert axis is split over devices (it steers "auto", see `grok.model.ops.choose_moe_impl`).
     """
 
     def __init__(self, config: GrokConfig, impl: str = "auto", experts_split: bool = False):
@@ -352,7 +370,7 @@ def forward(
     Each row's chunk starts at position `memory.step[b]` and is right-padded: `lengths[b]` real
     tokens (default: all T), by which the row's step then advances. Without `memory` this is one
     full forward pass from position 0. `constrain(x, name)` pins named activations to a sharding
-    (`grok.sharding.Sharder.constrain`); by default nothing is constrained. `logits_at[b]`: only
+    (`grok.parallel.sharding.Sharder.constrain`); by default nothing is constrained. `logits_at[b]`: only
     the logits of that index of row b's chunk (logits [b, 1, V]: a prompt's last token, sparing
     the output projection of every other position); by default those of every position.
     """
@@ -413,7 +431,7 @@ def build(
       for at most num_experts token-expert pairs, else "ragged"; but "all_experts" instead of
       "ragged" when `constrain` is a `Sharder` whose rules split the expert axis (expert
       parallelism), where "ragged" would all-gather every expert's weights to every device
-      (`experts_split`, `grok.ops.choose_moe_impl`).
+      (`experts_split`, `grok.model.ops.choose_moe_impl`).
     - `scan_layers`: one `hk.layer_stack` scan (stacked parameters; compile time independent of
       depth) or, if False, unrolled layers over the per-layer (checkpoint) tree. Unrolled, every
       weight is its own buffer: on CPU, XLA copies a scan's slice of the stacked weights before
@@ -473,7 +491,7 @@ def cpu_int8_params(params: dict) -> dict:
 
 def cpu_int8_leaf(path: str, name: str, leaf):
     """One parameter of `cpu_int8_params`, left where it is: host arrays stay on the host, for a
-    loader that converts as it reads and places each leaf itself (`grok.loader.load_layers`). A
+    loader that converts as it reads and places each leaf itself (`grok.checkpoint.loader.load_layers`). A
     converted one is returned as it is."""
     if isinstance(leaf, (Int8CpuWeight, BF16Table)):
         return leaf
@@ -484,34 +502,26 @@ def cpu_int8_leaf(path: str, name: str, leaf):
     return leaf
 
 
-def _sharder(constrain: Constrain) -> Sharder | None:
-    """The `grok.sharding.Sharder` whose `constrain` this is, if any."""
-    sharder = getattr(constrain, "__self__", None)
-    return sharder if isinstance(sharder, Sharder) else None
+def _layout(constrain: Constrain) -> Layout | None:
+    """The `Layout` (a `grok.parallel.sharding.Sharder`) whose `constrain` this is, if any."""
+    owner = getattr(constrain, "__self__", None)
+    return owner if isinstance(owner, Layout) else None
 
 
 def sharded(constrain: Constrain) -> bool:
-    """Whether `constrain` is a `grok.sharding.Sharder.constrain` over more than one device."""
-    sharder = _sharder(constrain)
-    return sharder is not None and sharder.mesh.size > 1
+    """Whether `constrain` is a `grok.parallel.sharding.Sharder.constrain` over more than one device."""
+    layout = _layout(constrain)
+    return layout is not None and layout.mesh.size > 1
 
 
 def cache_heads(config: GrokConfig, constrain: Constrain) -> int:
-    """The kv heads of a cache laid out for `constrain` (`grok.sharding.Sharder.cache_heads`)."""
-    sharder = _sharder(constrain)
-    return config.num_kv_heads if sharder is None else sharder.cache_heads(config)
+    """The kv heads of a cache laid out for `constrain` (`grok.parallel.sharding.Sharder.cache_heads`)."""
+    layout = _layout(constrain)
+    return config.num_kv_heads if layout is None else layout.cache_heads(config)
 
 
 def experts_split(constrain: Constrain) -> bool:
-    """Whether `constrain` is a `grok.sharding.Sharder.constrain` whose rules split the expert axis
+    """Whether `constrain` is a `grok.parallel.sharding.Sharder.constrain` whose rules split the expert axis
     of the expert weights over more than one device (expert parallelism)."""
-    sharder = _sharder(constrain)
-    if sharder is None:
-        return False
-    rules, mesh = sharder.rules, sharder.mesh
-    path = "transformer/decoder_layer/moe/linear/w"
-    rule = next((r for r in rules.params if re.search(r.pattern, path)), None)
-    if rule is None or not len(rule.spec) or rule.spec[0] is None:
-        return False
-    axes = rule.spec[0] if isinstance(rule.spec[0], tuple) else (rule.spec[0],)
-    return math.prod(mesh.shape[a] for a in axes) > 1
+    layout = _layout(constrain)
+    return layout is not None and layout.splits_experts()

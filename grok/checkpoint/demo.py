@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grok import checkpoint, weights
-from grok.config import PRESETS, GrokConfig
+from grok.checkpoint import pickles
+from grok.model import weights
+from grok.model.config import PRESETS, GrokConfig
 
 DEMO_CONFIG: GrokConfig = PRESETS["demo"]
 
@@ -13,5 +14,5 @@ DEMO_CONFIG: GrokConfig = PRESETS["demo"]
 def write_demo_checkpoint(directory: str | Path, config: GrokConfig = DEMO_CONFIG, seed: int = 0) -> Path:
     """Write random weights for `config` to `directory` as release-format tensor files."""
     directory = Path(directory)
-    checkpoint.write_checkpoint(weights.random_params(config, seed), directory, progress=False)
+    pickles.write_checkpoint(weights.random_params(config, seed), directory, progress=False)
     return directory

@@ -1,12 +1,12 @@
 """Loading a checkpoint straight onto a device mesh, shard by shard.
 
-Weights come one at a time from `checkpoint.iter_checkpoint(..., lazy=True)`, each array as a source
+Weights come one at a time from `read.iter_checkpoint(..., lazy=True)`, each array as a source
 that answers "slice `index` of this weight" (`host[index]`), and each process asks only for the
 slices its own devices hold:
 - release pickles must be read whole, so the source is the file's NumPy array, sliced in memory:
   a host holds at most one tensor file (plus its slices) at a time;
 - the safetensors format reads only the bytes of each slice from the memory-mapped file
-  (`grok.safetensors_checkpoint.StoredArray`), so a host never holds a whole weight it only
+  (`grok.checkpoint.safetensors_format.StoredArray`), so a host never holds a whole weight it only
   partly needs.
 Per-layer weights are written into their stacked device arrays in place (the update donates its
 input).
@@ -28,9 +28,21 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from grok import checkpoint, weights
-from grok.config import GrokConfig
-from grok.sharding import Sharder
+from grok.checkpoint import pickles
+from grok.checkpoint.files import (
+    LayerScaleBlocks,
+    Weight,
+    check_files_present,
+    check_weight,
+    checkpoint_format,
+    expected_weights,
+    resolve_checkpoint_dir,
+    tensor_file_name,
+)
+from grok.checkpoint.read import iter_checkpoint
+from grok.model import weights
+from grok.model.config import GrokConfig
+from grok.parallel.sharding import Sharder
 
 
 def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -55,7 +67,7 @@ def load_sharded(directory: str | Path, config: GrokConfig, sharder: Sharder, pr
     shapes = weights.model_shapes(config)
     shardings = sharder.param_shardings(shapes)  # every rule checked before anything is read
     params: weights.Params = {path: {} for path in shapes}
-    for name, weight in checkpoint.iter_checkpoint(directory, config, progress=progress, lazy=True):
+    for name, weight in iter_checkpoint(directory, config, progress=progress, lazy=True):
         path, leaf = name.rsplit("/", 1)
         stacked, layer = weights.model_path(path)
         shape = weights.with_scale_blocks_of(shapes[stacked][leaf], weight)
@@ -116,7 +128,7 @@ def _set_layer(stacked: jax.Array, layer: jax.Array, index: int) -> jax.Array:
     return stacked.at[index].set(layer)
 
 
-Convert = Callable[[str, str, checkpoint.Weight], object]
+Convert = Callable[[str, str, Weight], object]
 
 
 def load_layers(
@@ -126,7 +138,7 @@ def load_layers(
     what `weights.unstack_layers` makes of the model tree), every weight on the default device.
 
     Weights are read one at a time in release file order, checked as `load_sharded` checks them (the
-    same errors: `checkpoint.CheckpointError` naming the file and the parameter), and each is
+    same errors: `CheckpointError` naming the file and the parameter), and each is
     - passed through `convert(path, name, weight)` when given (`path` like
       `transformer/decoder_layer_3/moe/linear`, `name` like `w`; `weight` a NumPy array or a
       `QuantizedWeight8bit` of two, its scales in the row blocks the file has); it returns the leaf
@@ -153,7 +165,7 @@ def load_layers(
     `unstack_layers(load_sharded(...))` peaks at the result + 309 MB.
 
     Only one weight's scales are needed at a time, but every layer of a parameter must still have its
-    scales in the same number of row blocks (as for the stacked model tree; `checkpoint.LayerScaleBlocks`).
+    scales in the same number of row blocks (as for the stacked model tree; `LayerScaleBlocks`).
     """
     params: weights.Params = {}
     for name, read in _weight_readers(directory, config, progress):
@@ -169,8 +181,8 @@ def load_layers(
 
 def _weight_readers(
     directory: str | Path, config: GrokConfig, progress: bool
-) -> Iterator[tuple[str, Callable[[], checkpoint.Weight]]]:
-    """(parameter path, read) for each weight in release file order, as `checkpoint.iter_checkpoint`
+) -> Iterator[tuple[str, Callable[[], Weight]]]:
+    """(parameter path, read) for each weight in release file order, as `iter_checkpoint`
     yields them (same checks, same progress bar), except that `read()` gives the weight (NumPy
     arrays) and nothing here keeps it.
 
@@ -180,24 +192,24 @@ def _weight_readers(
     pickle is read by `read` with the pieces `iter_checkpoint` uses (`load_tensor`, `check_weight`,
     `LayerScaleBlocks`).
     """
-    directory = checkpoint.resolve_checkpoint_dir(directory)
-    if checkpoint.checkpoint_format(directory) == "safetensors":
-        for name, stored in checkpoint.iter_checkpoint(directory, config, progress=progress, lazy=True):
+    directory = resolve_checkpoint_dir(directory)
+    if checkpoint_format(directory) == "safetensors":
+        for name, stored in iter_checkpoint(directory, config, progress=progress, lazy=True):
             yield name, functools.partial(jax.tree.map, np.asarray, stored)
         return
-    names, expected, _ = checkpoint.expected_weights(config)
-    checkpoint.check_files_present(directory, names)
-    layers = checkpoint.LayerScaleBlocks()
+    names, expected, _ = expected_weights(config)
+    check_files_present(directory, names)
+    layers = LayerScaleBlocks()
     files = tqdm(range(len(names)), desc=f"reading {directory}", unit="file", disable=not progress)
     for i in files:
-        path = directory / checkpoint.tensor_file_name(i)
+        path = directory / tensor_file_name(i)
         yield names[i], functools.partial(_read_pickle, path, names[i], expected[i], layers)
 
 
-def _read_pickle(path: Path, name: str, want, layers: checkpoint.LayerScaleBlocks) -> checkpoint.Weight:
+def _read_pickle(path: Path, name: str, want, layers: LayerScaleBlocks) -> Weight:
     label = f"{path} ({name})"
-    weight = checkpoint.load_tensor(path)
-    checkpoint.check_weight(label, want, weight)
+    weight = pickles.load_tensor(path)
+    check_weight(label, want, weight)
     layers.check(label, name, weight)
     return weight
 

@@ -1,6 +1,6 @@
 """Pure numerical building blocks of Grok-1 (GROK1.md "Forward pass"), free of Haiku state.
 
-Haiku modules in `grok.model` own the parameters and call these; tests call them directly.
+Haiku modules in `grok.model.transformer` own the parameters and call these; tests call them directly.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from grok import native
-from grok.quant import F32Experts, Int8CpuWeight, QuantizedWeight8bit, dequantize, dequantize_to_f32
+from grok.model.quant import F32Experts, Int8CpuWeight, QuantizedWeight8bit, dequantize, dequantize_to_f32
 
 MOE_IMPLS = ("auto", "all_experts", "ragged", "gather")
 # Up to this many tokens, a mixture over CPU-format weights runs natively (`moe_grouped`): each
@@ -153,7 +153,7 @@ def expert_ffn_t(
     product: Callable[[Array, Any], Array] | None = None,
 ) -> Float[Array, "n d"]:
     """`expert_ffn` with weights in the CPU format: float32 holding bf16 values, stored transposed
-    [out, in] (`grok.quant.F32Weight`). The same roundings: both input matmuls rounded to x's dtype.
+    [out, in] (`grok.model.quant.F32Weight`). The same roundings: both input matmuls rounded to x's dtype.
     `product(x, w_t)` computes x @ w_t.T (default `matmul_t`; `moe_grouped` passes every expert's
     weights at once)."""
     product = product or matmul_t

@@ -1,6 +1,6 @@
 """`run.py convert`: turn a release (pickle) checkpoint into the safetensors format.
 
-The format and why it was chosen are described in `grok.safetensors_checkpoint`. Conversion is
+The format and why it was chosen are described in `grok.checkpoint.safetensors_format`. Conversion is
 exact (the same int8, bf16 and fp32 bytes), streams one weight at a time (the host holds at most
 one release file, about 1.6 GB for Grok-1's largest) and can be resumed: every output file is
 written under a temporary name and renamed when complete, so an interrupted conversion leaves only
@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from grok import checkpoint
-from grok.checkpoint import SAFETENSORS_INDEX, CheckpointError, PathLike, Weight
-from grok.config import GrokConfig
-from grok.safetensors_checkpoint import (
+from grok.checkpoint import files, pickles
+from grok.checkpoint.files import SAFETENSORS_INDEX, CheckpointError, PathLike, Weight
+from grok.checkpoint.safetensors_format import (
     FORMAT,
     file_name,
     open_file,
@@ -34,6 +33,7 @@ from grok.safetensors_checkpoint import (
     write_file,
     write_index,
 )
+from grok.model.config import GrokConfig
 
 log = logging.getLogger("grok")
 _OUTPUT_FILE = re.compile(r"tensor(\d{5})\.safetensors")
@@ -50,9 +50,9 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
     over. A `dst_dir` converted from another directory is refused (a CheckpointError naming both).
     """
     src = Path(src_dir)
-    checkpoint.resolve_checkpoint_dir(src)  # a CheckpointError if it does not exist
-    if not checkpoint.tensor_files(src):
-        for name in (checkpoint.CHECKPOINT_SUBDIR, checkpoint.LEGACY_CHECKPOINT_SUBDIR):
+    files.resolve_checkpoint_dir(src)  # a CheckpointError if it does not exist
+    if not files.tensor_files(src):
+        for name in (files.CHECKPOINT_SUBDIR, files.LEGACY_CHECKPOINT_SUBDIR):
             if (src / name).is_dir():
                 src = src / name
                 break
@@ -61,8 +61,8 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
     dst = Path(dst_dir)
     if dst.exists() and dst.resolve() == src.resolve():
         raise CheckpointError(f"convert needs an output directory other than its input {src}")
-    names, expected, _ = checkpoint.expected_weights(config)
-    checkpoint.check_files_present(src, names)
+    names, expected, _ = files.expected_weights(config)
+    files.check_files_present(src, names)
     dst.mkdir(parents=True, exist_ok=True)
     _check_output_dir(dst, len(names))
     origin_dir = src.resolve()  # what the output records; not each file's target (the Hub's cache links blobs)
@@ -71,16 +71,16 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
     (dst / SAFETENSORS_INDEX).unlink(missing_ok=True)  # unfinished until it is written again at the end
     for path in dst.iterdir():
         if _STALE_TEMPORARY.fullmatch(path.name):
-            path.unlink()  # left by a conversion that was killed (see `checkpoint.atomic_write`)
+            path.unlink()  # left by a conversion that was killed (see `files.atomic_write`)
 
     weight_map: dict[str, str] = {}
     total_size = kept = 0
-    layers = checkpoint.LayerScaleBlocks()
+    layers = files.LayerScaleBlocks()
     bar = tqdm(list(zip(names, expected)), desc=f"converting {src} -> {dst}", unit="file", disable=not progress)
     for i, (name, want) in enumerate(bar):
         out = dst / file_name(i)
         weight_map.update(dict.fromkeys(tensor_keys(name, want), out.name))
-        source = src / checkpoint.tensor_file_name(i)
+        source = src / files.tensor_file_name(i)
         origin = source_record(origin_dir / source.name)
         converted = _converted(out, name, want, origin)
         if converted is not None:
@@ -88,8 +88,8 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
             total_size += sum(_nbytes(array) for array in tensor_keys(name, converted).values())
             kept += 1
             continue
-        weight = checkpoint.load_tensor(source)
-        checkpoint.check_weight(f"{source} ({name})", want, weight)
+        weight = pickles.load_tensor(source)
+        files.check_weight(f"{source} ({name})", want, weight)
         layers.check(f"{source} ({name})", name, weight)
         total_size += write_file(out, tensor_keys(name, weight), {"format": FORMAT, "name": name, **origin})
         del weight  # before the next file is read
@@ -101,7 +101,7 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
 
 def _check_output_dir(dst: Path, count: int) -> None:
     """Refuse a directory that holds a release checkpoint, or the output of a larger model."""
-    if checkpoint.tensor_files(dst):
+    if files.tensor_files(dst):
         raise CheckpointError(f"{dst} holds release tensor files; convert into another directory")
     foreign = sorted(
         name for name in os.listdir(dst) if (match := _OUTPUT_FILE.fullmatch(name)) and int(match.group(1)) >= count
@@ -146,7 +146,7 @@ def _converted(path: Path, name: str, want, origin: dict[str, str]) -> Weight | 
         if any(handle.metadata.get(key) != value for key, value in origin.items()):
             return None  # another source, or this one changed since
         weight = weight_of(str(path), name, {key: handle.array(key) for key in handle.keys()})
-        checkpoint.check_weight(str(path), want, weight)
+        files.check_weight(str(path), want, weight)
     except CheckpointError:
         return None
     return weight

@@ -25,7 +25,7 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import XetDownloadError
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
-from grok.checkpoint import (
+from grok.checkpoint.files import (
     CHECKPOINT_SUBDIR,
     LEGACY_CHECKPOINT_SUBDIR,
     CheckpointError,
@@ -33,9 +33,9 @@ from grok.checkpoint import (
     tensor_file_name,
     tensor_files,
 )
-from grok.config import GrokConfig
-from grok.quant import QuantizedWeight8bit
-from grok.weights import checkpoint_shapes, flatten, quantized_shape
+from grok.model.config import GrokConfig
+from grok.model.quant import QuantizedWeight8bit
+from grok.model.weights import checkpoint_shapes, flatten, quantized_shape
 
 log = logging.getLogger("grok")
 
@@ -65,7 +65,7 @@ def download(
     """Download the checkpoint directory and the tokenizer of `repo_id` into `local_dir`.
 
     Returns the directory that holds the tensor files: `local_dir/ckpt-0`, or `local_dir/ckpt` for
-    a revision that names it so (`grok.checkpoint.resolve_checkpoint_dir(local_dir)` finds either).
+    a revision that names it so (`grok.checkpoint.files.resolve_checkpoint_dir(local_dir)` finds either).
     `revision` is a branch, tag or commit (default: the main branch); `endpoint` a Hub URL (default:
     `HF_ENDPOINT`, else huggingface.co). Raises `DownloadError` when the Hub cannot be reached or a
     transfer fails; run it again to continue. Check the result with `verify_download`.
@@ -173,7 +173,7 @@ def _downloaded_checkpoint_dir(local_dir: Path) -> Path:
 
 def _payloads(want) -> list[int]:
     """Bytes of the arrays of weight `want` as it may be stored: an 8-bit one with its scales in any
-    number of row blocks that divides its input size (`grok.checkpoint.check_weight`)."""
+    number of row blocks that divides its input size (`grok.checkpoint.files.check_weight`)."""
     if not isinstance(want, QuantizedWeight8bit):
         return [_payload_bytes(want)]
     return [_payload_bytes(quantized_shape(want.shape, nb)) for nb in _divisors(want.shape[-2])]

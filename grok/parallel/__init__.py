@@ -1,0 +1,8 @@
+"""Devices and processes: where the numbers live, never what they are.
+
+`sharding` (regex partition rules from `partition_rules/*.toml`, meshes, the `Sharder` that
+places parameters, activations and the KV cache), `distributed` (multi-process start-up under
+`jax.distributed`), `threads` (XLA:CPU's thread pool and the native kernels' limit).
+
+May import: `grok.model` and `grok.native`.
+"""

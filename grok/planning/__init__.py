@@ -1,0 +1,7 @@
+"""Planning a pod: the engine's programs compiled ahead of time, with no weights and no devices.
+
+`aot` (abstract inputs and the lowered prefill and decode steps), `plan` (layouts for a device
+count and the per-device memory of each).
+
+May import: `grok.serving` and everything below it; not `grok.server` or `grok.cli`.
+"""
