@@ -21,6 +21,7 @@ from grok.model.transformer import cache_dtype
 from grok.parallel import distributed, threads
 from grok.parallel.sharding import Sharder, load_rules, make_mesh, mesh_of, mesh_text, parse_mesh
 from grok.planning.plan import choose_layout, make_plan
+from grok.planning.targets import TARGETS, use_cpu_backend
 from grok.serving.api import Grok, SamplingParams
 from grok.serving.chat import ChatTemplate
 from grok.serving.engine import Engine, Scheduling
@@ -217,7 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-len", type=POSITIVE, help="KV-cache positions per sequence (default: the config's sequence_len)"
     )
     pl.add_argument(
-        "--cpu-devices", type=POSITIVE, metavar="N", help="devices of the pod (default: the --mesh's size, else 8)"
+        "--cpu-devices", "--devices", type=POSITIVE, metavar="N",
+        help="devices of the pod (default: the --mesh's size, else 8)",
+    )
+    pl.add_argument(
+        "--target", choices=tuple(TARGETS), default="cpu",
+        help="whose compiler compiles the programs, with no device present: an accelerator's own (needs "
+        "`pip install -e '.[targets]'`; adds the decode step's memory traffic against its ideal and a "
+        "projected speed), or cpu, virtual CPU devices (default)",
     )
     _prefix_cache_flag(pl)
     pl.add_argument("--json", action="store_true", help="also print the plan as one JSON object, on the last line")
@@ -500,11 +508,21 @@ def plan(args: argparse.Namespace) -> int:
     cache_len = _cache_len(args.cache_len, config)
     rules = load_rules(args.rules) if args.rules is not None else None
     devices = args.cpu_devices or (math.prod(parse_mesh(args.mesh, rules).values()) if args.mesh else 8)
-    distributed.initialize(None, None, None, devices, "off")
+    target = TARGETS[args.target]
+    if target.platform == "cpu":
+        distributed.initialize(None, None, None, devices, "off")
+    else:
+        use_cpu_backend()
     rules, shape = choose_layout(config, devices, args.rules, args.mesh)
-    print(f"Planning {args.config} on {devices} devices (virtual CPU devices; compiling takes under a minute)...", flush=True)
+    mesh = mesh_of(shape) if target.platform == "cpu" else target.mesh(shape, rules.axes)
+    if target.platform == "cpu":
+        print(f"Planning {args.config} on {devices} devices (virtual CPU devices; compiling takes under a minute)...",
+              flush=True)
+    else:
+        print(f"Planning {args.config} on {devices} x {target.description}, compiled by its own compiler with no "
+              "device present...", flush=True)
     prefix = None if args.prefix_cache_mb is None else int(args.prefix_cache_mb * 1e6)
-    result = make_plan(config, Sharder(rules, mesh_of(shape)), args.batch, cache_len, prefix_cache_bytes=prefix)
+    result = make_plan(config, Sharder(rules, mesh), args.batch, cache_len, prefix_cache_bytes=prefix, target=target)
     print(result.describe())
     if args.json:
         print(result.to_json())

@@ -124,7 +124,7 @@ def no_model(monkeypatch, tmp_path):
         (["--seed", "-1"], "argument --seed: must be an integer in 0..4294967295, got '-1'"),
         (["plan", "--batch", "0"], "argument --batch: must be an integer >= 1, got '0'"),
         (["plan", "--cache-len", "0"], "argument --cache-len: must be an integer >= 1, got '0'"),
-        (["plan", "--cpu-devices", "-8"], "argument --cpu-devices: must be an integer >= 1, got '-8'"),
+        (["plan", "--cpu-devices", "-8"], "argument --cpu-devices/--devices: must be an integer >= 1, got '-8'"),
         (["serve", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )

@@ -17,7 +17,9 @@ import numpy_reference
 import pytest
 
 from grok import PRESETS
-from grok.model import transformer, weights
+from grok.model import ops, transformer, weights
+from grok.model.platform import tracing_for
+from grok.parallel.sharding import Sharder, load_rules, make_mesh, single_device
 
 TOLERANCE = 0.02
 TIE_MARGIN = 2e-3
@@ -59,12 +61,63 @@ def test_logits_and_layers_match_numpy_reference(preset, seed, monkeypatch):
     config = PRESETS[preset]
     params = weights.random_params(config, seed)
     tokens = prompt_set(config, seed)
-    ref_logits, ref_hidden, margin = run_reference(params, config, tokens, monkeypatch)
-
     apply = jax.jit(transformer.build(config, return_hidden=True).apply)
     out = apply(weights.stack_layers(params, config.num_layers), jnp.asarray(tokens))
-    logits = np.asarray(out.logits, np.float32)
+    assert_matches_reference(config, params, tokens, out, f"{preset}/{seed}", monkeypatch)
 
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("case", ["tiny", "shard on 8 devices"])
+def test_the_accelerator_path_matches_numpy_reference(platform, case, monkeypatch):
+    """The products an accelerator's decode step runs (`ops.int8_rows_product`, `ops.moe_decode`),
+    traced for that platform and run here on the CPU, every row of the prompts through them."""
+    config = PRESETS["tiny" if case == "tiny" else "shard"]
+    params = weights.random_params(config, 0)
+    tokens = prompt_set(config, 0)
+    sharder = Sharder(load_rules("tensor_parallel"), make_mesh(1, 8)) if "8 devices" in case else single_device()
+    out = _through_the_accelerator_path(platform, config, params, tokens, sharder, monkeypatch)
+    assert_matches_reference(config, params, tokens, out, f"{platform}, {case}", monkeypatch)
+
+
+# A 12-layer model of width 32 whose 8-bit weights all have per-column scales. Its worst tokens
+# miss TOLERANCE on every path alike, the CPU path's included: over four seeds 2-18% of the tokens
+# are past 2% of the row maximum (up to 12%), while the median stays at 0.75-0.82% and the top
+# token agrees wherever the reference's top two are 2% apart. bf16 rounding differences grow by
+# about 0.2% of the row maximum per layer here (32 values per row do not average them out), and
+# once they pass the routing tie margin, experts flip for tokens the margin counts as clear. So
+# this shape is held to the statistics that do not depend on depth.
+DEEP_NARROW = PRESETS["tiny"].replace(emb_size=32, key_size=8, num_layers=12, sequence_len=64)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_the_accelerator_path_deep_and_narrow(platform, monkeypatch):
+    config = DEEP_NARROW
+    params = weights.random_params(config, 0, scale_blocks={name: 1 for name in weights.SCALE_BLOCKS})
+    tokens = prompt_set(config, 0)
+    out = _through_the_accelerator_path(platform, config, params, tokens, single_device(), monkeypatch)
+    ref_logits, _ = numpy_reference.reference_forward(params, config, tokens)
+    logits = np.asarray(out.logits, np.float32)
+    real = tokens > config.pad_token
+    err = relative_error(logits, ref_logits)[real]
+    assert np.median(err) < TOLERANCE / 2 and (err < TOLERANCE).mean() >= 0.8, f"worst: {np.sort(err)[-5:]}"
+    top2 = np.sort(ref_logits, axis=-1)[..., -2:]
+    decisive = real & (top2[..., 1] - top2[..., 0] >= 0.02 * np.abs(top2[..., 1]))
+    np.testing.assert_array_equal(logits.argmax(-1)[decisive], ref_logits.argmax(-1)[decisive])
+
+
+def _through_the_accelerator_path(platform, config, params, tokens, sharder, monkeypatch):
+    monkeypatch.setattr(ops, "DECODE_ROWS", tokens.size)  # every row of the prompts, not just a decode batch
+    with tracing_for(platform):  # the parameters as held there (GPUs: 8-bit weights transposed)
+        held = transformer.held_params(weights.stack_layers(params, config.num_layers))
+        apply = jax.jit(transformer.build(config, constrain=sharder.constrain, return_hidden=True).apply)
+        return apply(held, sharder.put(tokens.astype(np.int32), "tokens"))
+
+
+def assert_matches_reference(config, params, tokens, out, label, monkeypatch):
+    """Hiddens and logits within TOLERANCE of the reference's where routing is clear, and the same
+    top token where the reference's top two are clearly apart."""
+    ref_logits, ref_hidden, margin = run_reference(params, config, tokens, monkeypatch)
+    logits = np.asarray(out.logits, np.float32)
     real = tokens > config.pad_token  # outputs at pad positions are unused by the model
     clear = real & (margin >= TIE_MARGIN)
     assert clear.sum() >= 0.85 * real.sum(), "too many routing near-ties for a meaningful test"
@@ -74,7 +127,7 @@ def test_logits_and_layers_match_numpy_reference(preset, seed, monkeypatch):
     err = relative_error(logits, ref_logits)
     assert err[clear].max() < TOLERANCE, f"logits: {err[clear].max():.4f} of the row max"
     assert err[real].max() < 0.25, "even a routing flip should not change a token's logits this much"
-    print(f"{preset}/{seed}: max |logit diff| {np.abs(logits - ref_logits)[clear].max():.4f}, "
+    print(f"{label}: max |logit diff| {np.abs(logits - ref_logits)[clear].max():.4f}, "
           f"{err[clear].max():.4%} of the row max")
 
     top2 = np.sort(ref_logits, axis=-1)[..., -2:]

@@ -20,7 +20,8 @@ import pytest
 
 from grok import PRESETS, native
 from grok.model import ops, transformer, weights
-from grok.model.quant import F32Experts, QuantizedWeight8bit, quantize, to_f32_weight
+from grok.model.platform import tracing_for
+from grok.model.quant import F32Experts, QuantizedWeight8bit, quantize, to_f32_weight, to_rows_weight
 from grok.model.transformer import no_constraint
 from grok.parallel.sharding import Sharder, load_rules, make_mesh
 
@@ -65,6 +66,24 @@ def test_fast_moe_equals_all_experts(num_experts, k, n):
     for impl in ("ragged", "gather"):
         assert_near_exact(moe(x, gates, experts, *w, impl), expected)
         assert_near_exact(moe(x, gates, experts, *f32, impl), expected)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("num_experts,k,n", [(8, 2, 1), (8, 2, 4), (4, 2, 2), (8, 2, 16)])
+def test_accelerator_decode_moe_equals_all_experts(platform, num_experts, k, n):
+    """The decode-batch mixture an accelerator runs (`ops.moe_decode` by way of "auto": selected
+    experts' slices for a few tokens, every expert once for more), traced for it, run here."""
+    rng = np.random.default_rng(1000 + 100 * num_experts + n)
+    w = expert_weights(rng, num_experts, 32, 48)
+    x, gates, experts = routed(rng, n, 32, num_experts, k)
+    expected = moe(x, gates, experts, *w, "all_experts")
+    if platform == "gpu":  # as a GPU holds them (`transformer.held_params`)
+        w = tuple(map(to_rows_weight, w))
+    with tracing_for(platform):
+        got = jax.jit(ops.moe, static_argnums=6)(x, gates, experts, *w, "auto")
+        for split in (True, False):
+            assert_near_exact(jax.jit(ops.moe_decode, static_argnums=6)(x, gates, experts, *w, split), expected)
+    assert_near_exact(got, expected)
 
 
 @pytest.mark.parametrize("num_experts,k,n", [(8, 2, 1), (4, 3, 2), (8, 2, 40)])

@@ -14,7 +14,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from grok import native
-from grok.model.quant import F32Experts, Int8CpuWeight, QuantizedWeight8bit, dequantize, dequantize_to_f32
+from grok.model.platform import on_cpu, platform
+from grok.model.quant import (
+    F32Experts,
+    Int8CpuWeight,
+    Int8RowsWeight,
+    QuantizedWeight8bit,
+    dequantize,
+    dequantize_t_to_f32,
+    dequantize_to_f32,
+)
 
 MOE_IMPLS = ("auto", "all_experts", "ragged", "gather")
 # Up to this many tokens, a mixture over CPU-format weights runs natively (`moe_grouped`): each
@@ -106,7 +115,7 @@ def batched_matmul_t(
 
 def _native_rows(rows: int, minimum: int, limit: int = native.MAX_ROWS) -> bool:
     """Whether a product with this many rows of x (`minimum` to `limit`) goes to the native kernel."""
-    return minimum <= rows <= limit and jax.default_backend() == "cpu" and native.available()
+    return minimum <= rows <= limit and on_cpu() and native.available()
 
 
 def attention_mask(
@@ -188,7 +197,7 @@ def matmul_t(x: Float[Array, "... d_in"], w_t: Float[Array, "d_out d_in"]) -> Fl
 def int8_native() -> bool:
     """Whether products with `Int8CpuWeight`s run on the native int8 kernels: on a CPU backend
     where they are built (else XLA dequantizes the weights, with the same numbers)."""
-    return jax.default_backend() == "cpu" and native.int8_available()
+    return on_cpu() and native.int8_available()
 
 
 def int8_matmul(
@@ -206,6 +215,44 @@ def int8_matmul(
     else:
         y = _grouped_by_xla(rows.astype(jnp.float32), group_sizes, dequantize_to_f32(w))
     return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+# Up to this many rows (a decode batch), an accelerator multiplies by an 8-bit weight as one fused
+# reduction (`int8_rows_product`): the int8 weight is read once, no dequantized copy is written. More
+# rows (a prefill chunk) dequantize the weight and run a GEMM, which their arithmetic pays for.
+DECODE_ROWS = 16
+
+
+def rows_product(rows: int, w) -> bool:
+    """Whether a product of `rows` rows with weight `w` runs as an `int8_rows_product`: an 8-bit
+    weight as released or held for GPUs, a decode batch, traced for an accelerator
+    (`grok.model.platform`)."""
+    return isinstance(w, (QuantizedWeight8bit, Int8RowsWeight)) and rows <= DECODE_ROWS and not on_cpu()
+
+
+def int8_rows_product(
+    x: Float[Array, "*e n d_in"], w: QuantizedWeight8bit | Int8RowsWeight
+) -> Float[Array, "*e n d_out"]:
+    """x @ w in float32 for a few rows, written so that the accelerator's compiler fuses the weight's
+    dequantization into the product: the int8 weight and its scales are read where they are (a
+    layer's or an expert's slice of a stacked weight included) and no dequantized copy is written.
+    - GPU (an `Int8RowsWeight`, transposed): an elementwise product summed over d_in, the weight's
+      contiguous axis: one row-reduction kernel (XLA:GPU's GEMMs take an int8 operand's conversion
+      but not its scales).
+    - TPU: a dot of the bf16 values (f32 rows at full precision), whose operand XLA:TPU
+      dequantizes inside the matrix unit's fusion.
+    GROK1.md's numbers either way: the weight's bf16 values (`dequantize_to_f32`), x's values exactly,
+    f32 accumulation (in the compiler's order). Leading axes `e` of x and w go together."""
+    if isinstance(w, Int8RowsWeight):
+        return jnp.sum(x.astype(jnp.float32)[..., :, None, :] * dequantize_t_to_f32(w)[..., None, :, :], axis=-1)
+    if platform() == "tpu":
+        lead = tuple(range(x.ndim - 2))
+        dims = (((x.ndim - 1,), (x.ndim - 2,)), (lead, lead))
+        if x.dtype == jnp.bfloat16:
+            return jax.lax.dot_general(x, dequantize(w, jnp.bfloat16), dims, preferred_element_type=jnp.float32)
+        return jax.lax.dot_general(x.astype(jnp.float32), dequantize_to_f32(w), dims,
+                                   precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return jnp.sum(x.astype(jnp.float32)[..., :, :, None] * dequantize_to_f32(w)[..., None, :, :], axis=-2)
 
 
 def _grouped_by_xla(rows: Float[Array, "r d_in"], group_sizes: Int[Array, "e"], w: Float[Array, "e d_in d_out"]):
@@ -318,8 +365,11 @@ def moe(
     precision rules, so they agree up to f32 summation order (an occasional last bf16 bit).
     Either fast strategy runs as `moe_grouped` (the ragged product in one native call per weight,
     no row padding, no control flow) on the int8 CPU format, and on the f32 CPU format for a decode
-    batch (at most NATIVE_MOE_TOKENS tokens) where its kernel is built."""
+    batch (at most NATIVE_MOE_TOKENS tokens) where its kernel is built. On an accelerator, "auto"
+    runs a decode batch over released 8-bit weights as `moe_decode`."""
     n, k = experts.shape
+    if impl == "auto" and rows_product(n, w_in):
+        return moe_decode(x, gates, experts, w_in, w_gate, w_out, experts_split)
     impl = choose_moe_impl(impl, n, k, num_experts(w_in), experts_split)
     native_f32 = isinstance(w_in, F32Experts) and _native_rows(n, minimum=1, limit=NATIVE_MOE_TOKENS)
     if impl != "all_experts" and (isinstance(w_in, Int8CpuWeight) or native_f32):
@@ -330,6 +380,54 @@ def moe(
     if impl == "gather":
         return moe_gather(x, gates, experts, w_in, w_gate, w_out)
     return moe_ragged(x, gates, experts, w_in, w_gate, w_out)
+
+
+def moe_decode(
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    w_in: QuantizedWeight8bit | Int8RowsWeight,
+    w_gate: QuantizedWeight8bit | Int8RowsWeight,
+    w_out: QuantizedWeight8bit | Int8RowsWeight,
+    experts_split: bool = False,
+) -> Float[Array, "n d"]:
+    """The mixture for a decode batch on an accelerator, every product an `int8_rows_product`.
+
+    With a token-expert pair per expert at most (one or a few tokens), each pair reads its own
+    expert's weights, sliced by its expert index inside the fused reduction: only the selected
+    experts are read. Otherwise, or when the experts are split over devices (`experts_split`,
+    where a slice by index would gather them), every expert runs on every token, each expert's
+    weights read once for the whole batch, and each pair keeps its own expert's output. The same
+    numbers as `moe_all_experts` (summation order aside).
+    """
+    n, k = experts.shape
+    if n * k <= num_experts(w_in) and not experts_split:
+        pick = lambda w, e: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, 0, keepdims=False), w)
+        pairs = [
+            _ffn_rows(x[i : i + 1], *(pick(w, experts[i, j]) for w in (w_in, w_gate, w_out)))[0]
+            for i in range(n) for j in range(k)
+        ]
+        per_pair = jnp.stack(pairs).reshape(n, k, -1)
+    elif isinstance(w_in, Int8RowsWeight) and not experts_split:  # GPU: the input products in a loop (XLA:GPU would lay a
+        # batched reduction out by transposing the weights), the output product batched over experts
+        expert = lambda w, e: jax.tree.map(lambda a: a[e], w)
+        hidden = [_hidden_rows(x, expert(w_in, e), expert(w_gate, e)) for e in range(num_experts(w_in))]
+        per_pair = int8_rows_product(jnp.stack(hidden), w_out)[experts, jnp.arange(n)[:, None]]
+    else:  # TPU, or experts split: batched over the experts, each device on its own
+        every = jax.vmap(_ffn_rows, in_axes=(None, 0, 0, 0))(x, w_in, w_gate, w_out)  # [E, n, d]
+        per_pair = every[experts, jnp.arange(n)[:, None]]
+    return _combine(per_pair, gates, experts).astype(x.dtype)
+
+
+def _ffn_rows(x: Float[Array, "n d"], w_in, w_gate, w_out) -> Float[Array, "n d"]:
+    """`expert_ffn` of one expert's 8-bit weights by `int8_rows_product`s, with its roundings."""
+    return int8_rows_product(_hidden_rows(x, w_in, w_gate), w_out)
+
+
+def _hidden_rows(x: Float[Array, "n d"], w_in, w_gate) -> Float[Array, "n f"]:
+    """`expert_hidden` of one expert's 8-bit weights by `int8_rows_product`s, with its roundings."""
+    hidden = jax.nn.gelu(_f32_rounded_as(int8_rows_product(x, w_in), x.dtype), approximate=True)
+    return hidden * _f32_rounded_as(int8_rows_product(x, w_gate), x.dtype)
 
 
 def moe_ragged(
@@ -489,18 +587,19 @@ BF16_IN_F32 = "bf16 values in f32"
 
 
 def _dequantized_as(x: Array):
-    """x's dtype, or BF16_IN_F32 for bf16 activations when the default backend is the CPU (a CPU
-    computation traced while an accelerator is the default keeps bf16: correct, only slower)."""
-    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+    """x's dtype, or BF16_IN_F32 for bf16 activations when tracing for the CPU (`grok.model.platform`; a CPU
+    computation traced for an accelerator keeps bf16: correct, only slower)."""
+    if x.dtype == jnp.bfloat16 and on_cpu():
         return BF16_IN_F32
     return x.dtype
 
 
-def _matmul_weight(w: QuantizedWeight8bit | Array, how) -> Array:
+def _matmul_weight(w: QuantizedWeight8bit | Int8RowsWeight | Array, how) -> Array:
     """A weight (8-bit or float) as `how` says (a dtype or BF16_IN_F32)."""
+    quantized = isinstance(w, (QuantizedWeight8bit, Int8RowsWeight))
     if how != BF16_IN_F32:
-        return dequantize(w, how) if isinstance(w, QuantizedWeight8bit) else w.astype(how)
-    if isinstance(w, QuantizedWeight8bit):
+        return dequantize(w, how) if quantized else w.astype(how)
+    if quantized:
         return dequantize_to_f32(w)
     return _f32_rounded_as(w, jnp.bfloat16)
 
@@ -516,15 +615,15 @@ def _expert_matrix(w: ExpertWeights, e: int | Int[Array, ""], how) -> Array:
     """Expert e's [in, out] weight; an 8-bit one dequantized (only this expert's)."""
     if isinstance(w, F32Experts):  # bf16 values in f32 already, transposed
         return w.values_t[e].T.astype(_dtype_of(how))
-    if isinstance(w, QuantizedWeight8bit):
-        return _matmul_weight(QuantizedWeight8bit(weight=w.weight[e], scales=w.scales[e]), how)
+    if isinstance(w, (QuantizedWeight8bit, Int8RowsWeight)):
+        return _matmul_weight(jax.tree.map(lambda a: a[e], w), how)
     return _matmul_weight(w[e], how)
 
 
 def _gathered(w: ExpertWeights, index: Int[Array, "p"], how) -> Array:
     """The weights of experts `index`, stacked [p, in, out]; 8-bit ones dequantized after the gather."""
-    if isinstance(w, QuantizedWeight8bit):
-        return _matmul_weight(QuantizedWeight8bit(weight=w.weight[index], scales=w.scales[index]), how)
+    if isinstance(w, (QuantizedWeight8bit, Int8RowsWeight)):
+        return _matmul_weight(jax.tree.map(lambda a: a[index], w), how)
     return _matmul_weight(w[index], how)
 
 

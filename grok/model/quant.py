@@ -36,6 +36,8 @@ class QuantizedWeight8bit:
 
 def dequantize(w: QuantizedWeight8bit, dtype=jnp.bfloat16) -> Shaped[Array, "*e n_in n_out"]:
     """`dtype(weight) * dtype(scales)`, each row block of the input axis with its own scales."""
+    if isinstance(w, Int8RowsWeight):  # (defined below) a transpose a product folds into its operand
+        return jnp.swapaxes(dequantize_t_to_f32(w), -1, -2).astype(dtype)
     if dtype == jnp.bfloat16:
         # The bf16 product, computed exactly in f32 and rounded once (`dequantize_to_f32`). A bf16
         # multiply gives the same numbers, but under jit XLA may drop its rounding when the result
@@ -50,10 +52,13 @@ def _row_scales(scales: Array, n_in: int) -> Array:
     Repeating the scales rather than reshaping the weight into blocks keeps the weight's layout, so
     a weight split over any number of devices dequantizes in place.
     """
-    blocks = scales.shape[-2]
+    *lead, blocks, n_out = scales.shape
     if n_in % blocks:
         raise ValueError(f"input size {n_in} is not divisible into {blocks} scale blocks")
-    return jnp.repeat(scales, n_in // blocks, axis=-2, total_repeat_length=n_in)
+    # A broadcast, not `jnp.repeat`: its repeat counts become a cumsum that XLA:GPU folds as a
+    # constant for minutes.
+    rows = jnp.broadcast_to(scales[..., None, :], (*lead, blocks, n_in // blocks, n_out))
+    return rows.reshape(*lead, n_in, n_out)
 
 
 def dequantize_to_f32(w: QuantizedWeight8bit) -> Shaped[Array, "*e n_in n_out"]:
@@ -63,6 +68,8 @@ def dequantize_to_f32(w: QuantizedWeight8bit) -> Shaped[Array, "*e n_in n_out"]:
     to bf16 once gives exactly bf16's own `bf16(weight) * bf16(scales)`. XLA:CPU runs an f32 matmul
     of bf16-valued operands several times faster than the bf16 matmul and with the same result.
     """
+    if isinstance(w, Int8RowsWeight):
+        return jnp.swapaxes(dequantize_t_to_f32(w), -1, -2)
     scales = _row_scales(_round_to_bf16(w.scales), w.weight.shape[-2])
     return _round_to_bf16(w.weight.astype(jnp.float32) * scales)
 
@@ -70,6 +77,42 @@ def dequantize_to_f32(w: QuantizedWeight8bit) -> Shaped[Array, "*e n_in n_out"]:
 def _round_to_bf16(x: Array) -> Array:
     info = jnp.finfo(jnp.bfloat16)
     return jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Int8RowsWeight:
+    """An 8-bit weight held transposed for GPUs: the released int8 values as [..., out, in], so that
+    each output's weights are contiguous and a product summed over the input axis is a row
+    reduction (XLA:GPU would otherwise transpose the weight once per step); scales as released.
+    The same numbers as the `QuantizedWeight8bit` it came from (`to_rows_weight`)."""
+
+    weight_t: Int8[Array, "*e n_out n_in"]
+    scales: Shaped[Array, "*e nb n_out"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the dequantized weight, [..., in, out], as for `QuantizedWeight8bit`."""
+        *lead, n_out, n_in = self.weight_t.shape
+        return (*lead, n_in, n_out)
+
+    @property
+    def dtype(self):
+        return self.weight_t.dtype
+
+
+def to_rows_weight(w: QuantizedWeight8bit) -> Int8RowsWeight:
+    """The GPU format of a weight (arrays on devices or on the host)."""
+    return Int8RowsWeight(weight_t=w.weight.swapaxes(-1, -2), scales=w.scales)
+
+
+def dequantize_t_to_f32(w: Int8RowsWeight) -> Shaped[Array, "*e n_out n_in"]:
+    """`dequantize_to_f32` of the weight, transposed: [..., out, in]."""
+    *lead, blocks, n_out = w.scales.shape
+    n_in = w.weight_t.shape[-1]
+    scales = _round_to_bf16(jnp.swapaxes(w.scales, -1, -2))[..., None]  # [..., out, blocks, 1]
+    rows = jnp.broadcast_to(scales, (*lead, n_out, blocks, n_in // blocks)).reshape(*lead, n_out, n_in)
+    return _round_to_bf16(w.weight_t.astype(jnp.float32) * rows)
 
 
 @jax.tree_util.register_dataclass

@@ -12,6 +12,7 @@ once by `f32_params`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -23,18 +24,21 @@ from jaxtyping import Array, Bool, Float, Int
 
 from grok.model import ops
 from grok.model.config import GrokConfig
+from grok.model.platform import on_cpu, platform
 from grok.model.quant import (
     BF16Table,
     F32Experts,
     F32Table,
     F32Weight,
     Int8CpuWeight,
+    Int8RowsWeight,
     QuantizedWeight8bit,
     dequantize,
     to_bf16_table,
     to_f32_table,
     to_f32_weight,
     to_int8_cpu_weight,
+    to_rows_weight,
 )
 
 DTYPE = jnp.bfloat16  # activations ("fprop dtype") of the released model
@@ -96,10 +100,10 @@ WORDS = jnp.uint16
 
 
 def cache_dtype() -> jnp.dtype:
-    """bf16 (the released model's), except on a CPU backend: float32 holding the same bf16 values,
+    """bf16 (the released model's), except on the CPU (`grok.model.platform`): float32 holding the same bf16 values,
     so attention reads the cache as it is instead of converting all of it every step (XLA:CPU has
     no fast bf16 matmul). Twice the cache memory; the same numbers (`grok.model.ops.attention`)."""
-    return jnp.float32 if jax.default_backend() == "cpu" else DTYPE
+    return jnp.float32 if on_cpu() else DTYPE
 
 
 def empty_cache(
@@ -138,7 +142,7 @@ def as_matrix(w: Array | QuantizedWeight8bit | F32Weight, dtype) -> Array:
     """
     if isinstance(w, F32Weight):
         return jnp.swapaxes(w.value_t, -1, -2)
-    if isinstance(w, QuantizedWeight8bit):
+    if isinstance(w, (QuantizedWeight8bit, Int8RowsWeight)):
         return dequantize(w, dtype)
     return w.astype(dtype)
 
@@ -153,6 +157,9 @@ def matmul(x: Float[Array, "... d_in"], w: Array | QuantizedWeight8bit | F32Weig
         return ops.bf16_matmul_t(x, w.value_t)
     if isinstance(w, Int8CpuWeight):
         return ops.int8_matmul(x, w).astype(x.dtype)
+    if ops.rows_product(math.prod(x.shape[:-1]), w):
+        rows = ops.int8_rows_product(x.reshape(-1, x.shape[-1]), w)
+        return rows.astype(x.dtype).reshape(*x.shape[:-1], w.shape[-1])
     return x @ as_matrix(w, x.dtype)
 
 
@@ -448,6 +455,38 @@ def build(
 
 _EXPERT_WEIGHT = re.compile(r"(^|/)moe/(linear|linear_v|linear_1)$")
 _EMBEDDINGS = "language_model/in_out_embed"
+
+
+def held_params(params: dict) -> dict:
+    """The parameters as the model holds them on an accelerator (`grok.model.platform`): the embedding
+    table in bf16, the dtype both its uses convert it to, so no step writes a bf16 copy; on a GPU
+    every 8-bit weight transposed (`Int8RowsWeight`), so that a decode step's products read it along
+    its rows. The same numbers. Elsewhere as given. For arrays on devices or on the host, and for
+    ShapeDtypeStructs (with shardings to match)."""
+    if on_cpu():
+        return params
+    table = params[_EMBEDDINGS]["embeddings"]
+    if isinstance(table, jax.ShapeDtypeStruct):
+        held = jax.ShapeDtypeStruct(table.shape, DTYPE, sharding=table.sharding)
+    else:
+        held = table.astype(DTYPE)
+    params = {**params, _EMBEDDINGS: {**params[_EMBEDDINGS], "embeddings": held}}
+    if platform() != "gpu":
+        return params
+    return jax.tree.map(lambda w: _rows_weight(w) if isinstance(w, QuantizedWeight8bit) else w, params,
+                        is_leaf=lambda w: isinstance(w, QuantizedWeight8bit))
+
+
+def _rows_weight(w: QuantizedWeight8bit) -> Int8RowsWeight:
+    if not isinstance(w.weight, jax.ShapeDtypeStruct):
+        return to_rows_weight(w)
+    *lead, n_in, n_out = w.weight.shape
+    sharding = w.weight.sharding
+    if sharding is not None:
+        spec = (*sharding.spec, *(None,) * (len(w.weight.shape) - len(sharding.spec)))
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:-2], spec[-1], spec[-2]))
+    return Int8RowsWeight(weight_t=jax.ShapeDtypeStruct((*lead, n_out, n_in), w.weight.dtype, sharding=sharding),
+                          scales=w.scales)
 
 
 def f32_params(params: dict) -> dict:

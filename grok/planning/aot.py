@@ -19,17 +19,24 @@ from grok.parallel.sharding import Sharder
 from grok.serving.programs import row_settings, step_functions
 
 
+def abstract_params(config: GrokConfig, sharder: Sharder) -> dict:
+    """The parameters as ShapeDtypeStructs with the shardings `sharder` gives them, as the model holds
+    them on the platform traced for (`grok.model.transformer.held_params`)."""
+    shapes = model_shapes(config)
+    return transformer.held_params(jax.tree.map(
+        lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
+        shapes,
+        sharder.param_shardings(shapes),
+    ))
+
+
 def decode_inputs(
     config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, cache_dtype=transformer.DTYPE
 ) -> tuple[dict, jax.ShapeDtypeStruct, transformer.KVMemory]:
     """(params, token [batch, 1], memory) of a decode step as ShapeDtypeStructs carrying the
-    shardings `sharder` gives them; the cache is bf16, as on an accelerator, unless told."""
-    shapes = model_shapes(config)
-    params = jax.tree.map(
-        lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
-        shapes,
-        sharder.param_shardings(shapes),
-    )
+    shardings `sharder` gives them, the parameters as held for the platform traced for
+    (`grok.model.transformer.held_params`); the cache is bf16, as on an accelerator, unless told."""
+    params = abstract_params(config, sharder)
     cache = transformer.cache_shape(config, batch, cache_len, sharder.cache_heads(config))
     kv = sharder.cache_sharding(cache)
     rows = sharder.activation("tokens", (batch, 1))

@@ -28,6 +28,7 @@ import numpy as np
 
 from grok.model import transformer
 from grok.model.config import GrokConfig
+from grok.model.platform import tracing_for
 from grok.model.weights import model_shapes
 from grok.parallel.sharding import (
     RULES_DIR,
@@ -39,6 +40,9 @@ from grok.parallel.sharding import (
     parse_mesh,
 )
 from grok.planning import aot
+from grok.planning.roofline import DecodeRoofline, ideal_decode_bytes
+from grok.planning.targets import TARGETS, Target
+from grok.planning.traffic import count_traffic
 from grok.serving.engine import PREFILL_CHUNK
 from grok.serving.prefix_cache import DEFAULT_BLOCK_SIZE, bytes_per_block, default_bytes
 
@@ -108,21 +112,27 @@ class Plan:
     temp_bytes_per_device: int
     temp_bytes: dict[str, int]  # per program: decode, prefill
     compile_s: dict[str, float]  # lower + compile, per program
+    target: str = "cpu"  # whose compiler made the programs (`grok.planning.targets`)
+    device_memory_gib: float | None = None  # the target's device memory (None: any of DEVICE_SIZES_GB)
+    memory_analysis: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # per program
+    decode: DecodeRoofline | None = None  # the decode step's traffic (accelerator targets)
 
     @property
     def total_bytes_per_device(self) -> int:
         return (self.params_bytes_per_device + self.kv_bytes_per_device + self.prefix_cache_bytes_per_device
                 + self.temp_bytes_per_device)
 
-    def fits(self) -> list[int]:
-        """The sizes of DEVICE_SIZES_GB (GiB) that hold the total."""
-        return [size for size in DEVICE_SIZES_GB if self.total_bytes_per_device <= size * GIB]
+    def fits(self) -> list[float]:
+        """The device sizes (GiB) that hold the total: the target's, else those of DEVICE_SIZES_GB."""
+        sizes = DEVICE_SIZES_GB if self.device_memory_gib is None else (self.device_memory_gib,)
+        return [size for size in sizes if self.total_bytes_per_device <= size * GIB]
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
         fields["mesh"] = mesh_text(self.mesh)
         fields["total_bytes_per_device"] = self.total_bytes_per_device
         fields["fits_gb"] = self.fits()
+        fields["decode"] = self.decode.to_dict() if self.decode else None
         return json.dumps(fields)
 
     def describe(self) -> str:
@@ -136,12 +146,18 @@ class Plan:
             f"  KV cache     {gib(self.kv_bytes_per_device)}",
             f"  prefix cache {gib(self.prefix_cache_bytes_per_device)}   (serve --prefix-cache-mb)",
             f"  temporaries  {gib(self.temp_bytes_per_device)}   (decode {gib(self.temp_bytes['decode']).strip()}, "
-            f"prefill {gib(self.temp_bytes['prefill']).strip()}; XLA's estimate)",
+            f"prefill {gib(self.temp_bytes['prefill']).strip()}; "
+            f"{'an estimate by XLA:CPU' if self.target == 'cpu' else f'the {self.target} compiler'})",
             f"  total        {gib(self.total_bytes_per_device)}",
             f"Compiled in {self.compile_s['decode']:.1f} s (decode) and {self.compile_s['prefill']:.1f} s (prefill).",
         ]
+        if self.decode is not None:
+            lines += self.decode.describe()
         fits = self.fits()
-        if fits:
+        if self.device_memory_gib is not None:
+            verdict = "Fits" if fits else "WARNING: does not fit"
+            lines.append(f"{verdict} the {self.target}'s {self.device_memory_gib:g} GiB per device.")
+        elif fits:
             spare = fits[0] * GIB - self.total_bytes_per_device
             lines.append(
                 f"Fits devices of {', '.join(f'{s} GB' for s in fits)} "
@@ -166,15 +182,18 @@ def _bytes_per_device(tree, shardings) -> int:
 
 def make_plan(
     config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, prefill_len: int = PREFILL_CHUNK,
-    prefix_cache_bytes: int | None = None,
+    prefix_cache_bytes: int | None = None, target: Target = TARGETS["cpu"],
 ) -> Plan:
     """Count and compile (abstractly) the layout `sharder` gives `config` for this serving shape.
     `prefix_cache_bytes` is the prefix cache's memory in all (default: serve's, a share of the
-    KV cache's); the plan holds each device's part of it."""
+    KV cache's); the plan holds each device's part of it. `target`: whose compiler compiles the
+    programs (the sharder's mesh must hold its devices); an accelerator's plan also counts the
+    decode step's traffic against its ideal (`grok.planning.roofline`)."""
     source = Path(sharder.rules.source)
     rules_name = source.stem if source.parent == RULES_DIR else str(source)
-    shapes = model_shapes(config)
-    params_bytes = _bytes_per_device(shapes, sharder.param_shardings(shapes))
+    with tracing_for(target.platform):
+        params = aot.abstract_params(config, sharder)
+    params_bytes = _bytes_per_device(params, jax.tree.map(lambda leaf: leaf.sharding, params))
     cache = jax.ShapeDtypeStruct(transformer.cache_shape(config, batch, cache_len, sharder.cache_heads(config)), transformer.DTYPE)
     kv_bytes = 2 * _bytes_per_device(cache, sharder.cache_sharding(cache.shape))  # keys and values
     heads, block = sharder.cache_heads(config), DEFAULT_BLOCK_SIZE
@@ -183,13 +202,21 @@ def make_plan(
     blocks = prefix_cache_bytes // bytes_per_block(config, block, heads, transformer.DTYPE)
     store = jax.ShapeDtypeStruct(transformer.cache_shape(config, blocks, block, heads), transformer.DTYPE)
     prefix_bytes = 2 * _bytes_per_device(store, sharder.cache_sharding(store.shape)) if blocks else 0
-    temp, seconds = {}, {}
-    steps = aot.engine_steps(config, sharder, batch, cache_len, min(prefill_len, cache_len), transformer.WORDS)
+    temp, seconds, analysis, decode = {}, {}, {}, None
+    cache_dtype = transformer.WORDS if target.platform == "cpu" else transformer.DTYPE
+    with tracing_for(target.platform):
+        steps = aot.engine_steps(config, sharder, batch, cache_len, min(prefill_len, cache_len), cache_dtype)
     for name, step in steps.items():
         start = time.perf_counter()
-        compiled = step.lowered.compile()
+        compiled = step.lowered.compile(compiler_options=target.compiler_options())
         seconds[name] = step.lower_s + time.perf_counter() - start
-        temp[name] = compiled.memory_analysis().temp_size_in_bytes
+        stats = compiled.memory_analysis()
+        analysis[name] = {f"{k}_bytes": getattr(stats, f"{k}_size_in_bytes") for k in ("argument", "output", "alias", "temp")}
+        temp[name] = stats.temp_size_in_bytes
+        if name == "decode" and target.platform != "cpu":
+            params, memory = step.args[:2]
+            ideal = ideal_decode_bytes(config, params, (memory.k, memory.v), batch)
+            decode = DecodeRoofline.of(count_traffic(compiled.as_text()), ideal, batch, target.bandwidth)
     return Plan(
         devices=sharder.mesh.size,
         mesh=dict(sharder.mesh.shape),
@@ -203,4 +230,8 @@ def make_plan(
         temp_bytes_per_device=max(temp.values()),
         temp_bytes=temp,
         compile_s=seconds,
+        target=target.name,
+        device_memory_gib=None if target.platform == "cpu" else target.memory_gib,
+        memory_analysis=analysis,
+        decode=decode,
     )

@@ -39,7 +39,8 @@ class Grok:
     the released 8-bit weights as loaded, read by native kernels, the embedding table in bf16;
     unrolled layers). `cpu_format=True` holds them in the f32 CPU format instead
     (`grok.model.transformer.f32_params`: every 8-bit weight dequantized once to float32, 4x its memory), kept
-    for comparison. Elsewhere the weights stay as released, in the scanned layers' stacked tree.
+    for comparison. Elsewhere the weights stay as released, in the scanned layers' stacked tree
+    (on an accelerator with the embedding table in bf16, `grok.model.transformer.held_params`).
     All formats give the same numbers.
     """
 
@@ -67,10 +68,10 @@ class Grok:
             shapes = jax.tree.map(
                 weights.with_scale_blocks_of, weights.model_shapes(config), params, is_leaf=weights.is_weight
             )
-            self.params = jax.tree.map(
+            self.params = transformer.held_params(jax.tree.map(
                 lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s else place(np.asarray(x), s),
                 params, self.sharder.param_shardings(shapes),
-            )
+            ))
         self.apply = transformer.build(config, constrain=self.sharder.constrain, scan_layers=self.scan_layers).apply
         self._logits = jax.jit(lambda p, tokens: self.apply(p, tokens).logits, out_shardings=self.sharder.replicated())
         self._engine: Engine | None = None  # made on the first `generate`
