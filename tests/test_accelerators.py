@@ -79,7 +79,7 @@ def decodes():
     return get
 
 
-CASES = [("h100-tp8", 1), ("h100-tp8", 8), ("h100-etp16", 8), ("tpu-v5e-etp32", 1), ("tpu-v5e-etp32", 8)]
+CASES = [("h100-tp8", 1), ("h100-tp8", 8), ("h100-etp16", 1), ("h100-etp16", 8), ("tpu-v5e-etp32", 1), ("tpu-v5e-etp32", 8)]
 
 
 @pytest.mark.parametrize("layout,batch", CASES)

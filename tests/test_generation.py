@@ -120,17 +120,19 @@ def test_bad_sampling_settings_are_named():
         SamplingParams(temperature=-1)
 
 
-def test_greedy_generation_on_the_gpu_path_follows_the_full_forward(params):
+@pytest.mark.parametrize("rules,mesh", [("tensor_parallel", {"data": 1, "model": 8}),
+                                        ("expert_tensor_parallel", {"data": 1, "expert": 4, "model": 2})])
+def test_greedy_generation_on_the_gpu_path_follows_the_full_forward(params, rules, mesh):
     """Traced for a GPU and run here: parameters held as there (8-bit weights transposed, the table
-    in bf16), sharded over 8 devices; decode steps take the decode-batch products, the full forward
-    the prefill ones, and agree."""
+    in bf16), sharded over 8 devices (the experts too: each device slices its own); decode steps
+    take the decode-batch products, the full forward the prefill ones, and agree."""
     from grok.model.platform import tracing_for
     from grok.model.quant import Int8RowsWeight
-    from grok.parallel.sharding import Sharder, load_rules, make_mesh
+    from grok.parallel.sharding import Sharder, load_rules, mesh_of
 
     prompt = [5, 17, 99, 42]
     with tracing_for("gpu"):
-        grok = Grok(CONFIG, params, sharder=Sharder(load_rules("tensor_parallel"), make_mesh(1, 8)))
+        grok = Grok(CONFIG, params, sharder=Sharder(load_rules(rules), mesh_of(mesh, jax.devices()[:8])))
         assert isinstance(grok.params["transformer/decoder_layer/moe/linear"]["w"], Int8RowsWeight)
         result = grok.generate(prompt, max_new_tokens=6, sampling=SamplingParams(temperature=0))
         logits = grok.logits(prompt + result.token_ids)

@@ -23,7 +23,7 @@ from grok.model import ops, transformer, weights
 from grok.model.platform import tracing_for
 from grok.model.quant import F32Experts, QuantizedWeight8bit, quantize, to_f32_weight, to_rows_weight
 from grok.model.transformer import no_constraint
-from grok.parallel.sharding import Sharder, load_rules, make_mesh
+from grok.parallel.sharding import Sharder, load_rules, make_mesh, mesh_of
 
 moe = jax.jit(ops.moe, static_argnums=6)
 
@@ -165,6 +165,34 @@ def test_expert_split_is_read_from_the_sharding_rules():
     assert not split("expert_parallel", 8, 1)  # a model axis of one device splits nothing
     assert not split("tensor_parallel", 1, 8) and not split("replicated", 1, 8)
     assert not transformer.experts_split(no_constraint)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_accelerator_decode_moe_on_split_experts_equals_all_experts(platform, n):
+    """Experts split over 4 devices (and their ffn width over 2): a token or two slice their experts
+    on the devices that hold them (`ops.ExpertSplit`, a shard_map), the sums meet after."""
+    config = PRESETS["shard"]  # 8 experts, widths that divide by 8
+    sharder = Sharder(load_rules("expert_tensor_parallel"), mesh_of({"data": 1, "expert": 4, "model": 2}, jax.devices()[:8]))
+    rng = np.random.default_rng(7 + n)
+    d, f, e = config.emb_size, config.ffn_size, config.num_experts
+    w = expert_weights(rng, e, d, f)
+    x, gates, experts = routed(rng, n, d, e, 2)
+    expected = moe(x, gates, experts, *w, "all_experts")
+    with tracing_for(platform):
+        split = transformer.expert_split(config, sharder.constrain)
+        if platform == "gpu":
+            w = tuple(map(to_rows_weight, w))
+        shardings = [_held_sharding(sharder.mesh, a, spec) for a, spec in zip(w, split.specs)]
+        w = tuple(jax.device_put(a, s) for a, s in zip(w, shardings))
+        got = jax.jit(lambda *args: ops.moe_decode(*args, split))(x, gates, experts, *w)
+    assert_near_exact(got, expected)
+
+
+def _held_sharding(mesh, w, spec):
+    held = ops._held_spec(w, spec)
+    return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), held,
+                        is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
 
 
 def test_f32_weights_hold_the_dequantized_bf16_values():

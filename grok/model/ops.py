@@ -5,6 +5,7 @@ Haiku modules in `grok.model.transformer` own the parameters and call these; tes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -359,7 +360,7 @@ def moe(
     w_gate: ExpertWeights,
     w_out: ExpertWeights,
     impl: str = "auto",
-    experts_split: bool = False,
+    experts_split: bool | ExpertSplit = False,
 ) -> Float[Array, "n d"]:
     """The mixture output computed by strategy `impl` (see `choose_moe_impl`); all follow the same
     precision rules, so they agree up to f32 summation order (an occasional last bf16 bit).
@@ -382,6 +383,17 @@ def moe(
     return moe_ragged(x, gates, experts, w_in, w_gate, w_out)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertSplit:
+    """Expert weights split over devices (expert parallelism), as a decode step of a token or two
+    needs to know to read only the selected experts among each device's own (`moe_decode`): the
+    mesh, and the per-layer PartitionSpecs of (w_in, w_gate, w_out), each a `QuantizedWeight8bit`
+    of specs in the released layout (`grok.parallel.sharding.Sharder.expert_specs`)."""
+
+    mesh: jax.sharding.Mesh
+    specs: tuple
+
+
 def moe_decode(
     x: Float[Array, "n d"],
     gates: Float[Array, "n k"],
@@ -389,19 +401,21 @@ def moe_decode(
     w_in: QuantizedWeight8bit | Int8RowsWeight,
     w_gate: QuantizedWeight8bit | Int8RowsWeight,
     w_out: QuantizedWeight8bit | Int8RowsWeight,
-    experts_split: bool = False,
+    experts_split: bool | ExpertSplit = False,
 ) -> Float[Array, "n d"]:
     """The mixture for a decode batch on an accelerator, every product an `int8_rows_product`.
 
     With a token-expert pair per expert at most (one or a few tokens), each pair reads its own
     expert's weights, sliced by its expert index inside the fused reduction: only the selected
-    experts are read. Otherwise, or when the experts are split over devices (`experts_split`,
-    where a slice by index would gather them), every expert runs on every token, each expert's
-    weights read once for the whole batch, and each pair keeps its own expert's output. The same
-    numbers as `moe_all_experts` (summation order aside).
+    experts are read. With the experts split over devices that slice runs on each device's own
+    experts (`ExpertSplit`; a slice over the split axis would gather them). Otherwise every expert
+    runs on every token, each expert's weights read once for the whole batch, and each pair keeps
+    its own expert's output. The same numbers as `moe_all_experts` (summation order aside).
     """
     n, k = experts.shape
-    if n * k <= num_experts(w_in) and not experts_split:
+    if n * k <= num_experts(w_in) and isinstance(experts_split, ExpertSplit):
+        per_pair = _selected_on_each_device(x, experts, (w_in, w_gate, w_out), experts_split)
+    elif n * k <= num_experts(w_in) and not experts_split:
         pick = lambda w, e: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, 0, keepdims=False), w)
         pairs = [
             _ffn_rows(x[i : i + 1], *(pick(w, experts[i, j]) for w in (w_in, w_gate, w_out)))[0]
@@ -417,6 +431,49 @@ def moe_decode(
         every = jax.vmap(_ffn_rows, in_axes=(None, 0, 0, 0))(x, w_in, w_gate, w_out)  # [E, n, d]
         per_pair = every[experts, jnp.arange(n)[:, None]]
     return _combine(per_pair, gates, experts).astype(x.dtype)
+
+
+def _selected_on_each_device(
+    x: Float[Array, "n d"], experts: Int[Array, "n k"], weights: tuple, split: ExpertSplit
+) -> Float[Array, "n k d"]:
+    """Each token-expert pair's expert output, every device slicing the pair's expert from its own
+    experts (its first index times their count onward; a pair whose expert lives elsewhere slices
+    one of them and drops the result), then summed over the devices that split the experts and
+    the ffn width. Each device reads at most n * k experts' shards."""
+    n, k = experts.shape
+    specs = tuple(_held_spec(w, spec) for w, spec in zip(weights, split.specs))
+    released = split.specs[0].weight  # [experts, in, out]
+    expert_axes, ffn_axes = _axes(released[0]), _axes(released[2])
+
+    def local(x, experts, *weights):
+        count = num_experts(weights[0])
+        first = jax.lax.axis_index(expert_axes) * count
+        pairs = []
+        for i in range(n):
+            for j in range(k):
+                e = experts[i, j] - first
+                at = jnp.clip(e, 0, count - 1)
+                pick = lambda w: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, at, 0, keepdims=False), w)
+                y = _ffn_rows(x[i : i + 1], *map(pick, weights))[0]
+                pairs.append(jnp.where((e >= 0) & (e < count), y, 0.0))
+        return jax.lax.psum(jnp.stack(pairs).reshape(n, k, -1), (*expert_axes, *ffn_axes))
+
+    replicated = jax.sharding.PartitionSpec()
+    return jax.shard_map(local, mesh=split.mesh, in_specs=(replicated, replicated, *specs), out_specs=replicated,
+                         check_vma=False)(x, experts, *weights)
+
+
+def _held_spec(w: QuantizedWeight8bit | Int8RowsWeight, spec: QuantizedWeight8bit):
+    """The specs of a weight as held: the released ones, or their last two axes swapped on a GPU."""
+    if isinstance(w, Int8RowsWeight):
+        *lead, rows, cols = spec.weight
+        return Int8RowsWeight(weight_t=jax.sharding.PartitionSpec(*lead, cols, rows), scales=spec.scales)
+    return spec
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry."""
+    return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
 def _ffn_rows(x: Float[Array, "n d"], w_in, w_gate, w_out) -> Float[Array, "n d"]:

@@ -63,6 +63,8 @@ class Layout(Protocol):
 
     def splits_experts(self) -> bool: ...
 
+    def expert_specs(self, config: GrokConfig) -> tuple: ...
+
 
 # Every layer's keys (or values): stacked [layers, b, kv, s, d] for the scanned layers, or a tuple
 # of per-layer [b, kv, s, d] arrays for unrolled ones, each then written and read in place.
@@ -275,7 +277,7 @@ class MoELayer(hk.Module):
     the expert axis is split over devices (it steers "auto", see `grok.model.ops.choose_moe_impl`).
     """
 
-    def __init__(self, config: GrokConfig, impl: str = "auto", experts_split: bool = False):
+    def __init__(self, config: GrokConfig, impl: str = "auto", experts_split: bool | ops.ExpertSplit = False):
         super().__init__(name="moe")
         self.config = config
         self.impl = impl
@@ -313,7 +315,7 @@ class DecoderLayer(hk.Module):
         self.config = config
         self.constrain = constrain
         self.moe_impl = moe_impl
-        self.experts_split = experts_split(constrain)
+        self.experts_split = expert_split(config, constrain) or experts_split(constrain)
 
     def __call__(self, h, positions, mask, memory: KVMemory, layer):
         c = self.config
@@ -557,6 +559,15 @@ def cache_heads(config: GrokConfig, constrain: Constrain) -> int:
     """The kv heads of a cache laid out for `constrain` (`grok.parallel.sharding.Sharder.cache_heads`)."""
     layout = _layout(constrain)
     return config.num_kv_heads if layout is None else layout.cache_heads(config)
+
+
+def expert_split(config: GrokConfig, constrain: Constrain) -> ops.ExpertSplit | None:
+    """Where the expert weights of a layout that splits them over devices live (for
+    `grok.model.ops.moe_decode`), or None."""
+    layout = _layout(constrain)
+    if layout is None or not layout.splits_experts():
+        return None
+    return ops.ExpertSplit(layout.mesh, layout.expert_specs(config))
 
 
 def experts_split(constrain: Constrain) -> bool:

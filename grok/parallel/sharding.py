@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from grok.model.quant import QuantizedWeight8bit
+from grok.model.weights import model_shapes
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "partition_rules"
 MESH_AXES = ("data", "model")  # the axes of a rules file with no [mesh] table
@@ -317,6 +318,17 @@ class Sharder:
         """How many ways a spec entry splits its dimension."""
         names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
         return int(np.prod([self.mesh.shape[a] for a in names]))
+
+    def expert_specs(self, config) -> tuple[QuantizedWeight8bit, ...]:
+        """The per-layer PartitionSpecs of the expert weights (linear, linear_v, linear_1), each a
+        `QuantizedWeight8bit` of the weight's and the scales' specs, as the rules place them."""
+        shapes = model_shapes(config)
+        shardings = self.param_shardings(shapes)
+        per_layer = lambda sharding: PartitionSpec(*tuple(sharding.spec)[1:])
+        return tuple(
+            jax.tree.map(per_layer, shardings[f"{_STACKED_LAYERS}moe/{name}"]["w"])
+            for name in ("linear", "linear_v", "linear_1")
+        )
 
     def splits_experts(self) -> bool:
         """Whether the rules split the expert axis of the expert weights over more than one device
