@@ -29,7 +29,6 @@ import numpy as np
 from grok.model import transformer
 from grok.model.config import GrokConfig
 from grok.model.platform import tracing_for
-from grok.model.weights import model_shapes
 from grok.parallel.sharding import (
     RULES_DIR,
     PartitionRules,

@@ -22,7 +22,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from grok.server.formats import FINISH_REASONS, _ChatFormat, _event_line, _Format, _TextFormat, _usage
 from grok.server.metrics import Metrics
-from grok.server.streams import _Run
 from grok.server.schema import (
     MAX_CHOICES,
     APIError,
@@ -34,6 +33,7 @@ from grok.server.schema import (
     _json_values,
     _load_json,
 )
+from grok.server.streams import _Run
 from grok.serving.chat import ChatTemplate
 from grok.serving.engine import Engine
 from grok.serving.engine import Request as EngineRequest
