@@ -120,10 +120,10 @@ def bench_prefix(grok, args, rng) -> dict:
               f"second/first {ttft[1] / ttft[0]:.3f} ({e.stats['prefix_hit_tokens']} tokens restored)", flush=True)
         if e.prefix_cache is not None:  # the copy alone: what a block table would save
             rows = e.prefix_cache.match(block_hashes(shared, e.prefix_cache.block_size))
-            e._restore(0, rows)
+            e.executor.restore(0, rows)
             jax.block_until_ready(e._memory)
             start = time.perf_counter()
-            e._restore(0, rows)
+            e.executor.restore(0, rows)
             jax.block_until_ready(e._memory)
             copy_s = time.perf_counter() - start
             nbytes = len(rows) * bytes_per_block(grok.config, e.prefix_cache.block_size, grok.config.num_kv_heads,

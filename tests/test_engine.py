@@ -2,12 +2,14 @@
 
 import threading
 
+import jax
+
 import numpy as np
 import pytest
 
 from grok import PRESETS, Grok, SamplingParams
 from grok.model import weights
-from grok.serving.engine import Engine, Request
+from grok.serving.engine import Engine, Request, Scheduling
 from grok.serving.tokenizer import ByteTokenizer
 
 CONFIG = PRESETS["tiny"].replace(vocab_size=328)  # room for the byte tokenizer's ids
@@ -167,3 +169,15 @@ def test_cancel_frees_the_slot_and_threads_share_the_engine(grok, alone):
         assert engine.active == 0 and engine.queued == 0
     finally:
         engine.stop()
+
+
+def test_only_the_executor_holds_device_arrays(grok):
+    """Every device call goes through `engine.executor` (the place a pod's processes will mirror):
+    after serving requests, with the prefix cache on, the engine itself holds host values only."""
+    engine = Engine(grok, max_batch=2, cache_len=64, scheduling=Scheduling(prefix_cache_bytes=1 << 20, block_size=8))
+    engine.generate([Request(list(range(3, 30)), max_tokens=4), Request(list(range(3, 20)), max_tokens=4)])
+    assert engine.executor.blocks is not None
+    held = {name: value for name, value in vars(engine).items() if name != "executor"}
+    leaves = jax.tree.leaves(held, is_leaf=lambda x: isinstance(x, jax.Array))
+    assert not [x for x in leaves if isinstance(x, jax.Array)]
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(engine.executor.memory))

@@ -298,7 +298,7 @@ def test_every_feature_on_a_sharded_engine(grok, params, alone):
     grok = Grok(CONFIG, params, None, sharder=sharder)
     sharded = engine(grok, prefill_budget=16, prefix_cache_bytes=prefix_bytes(grok, 8), block_size=BLOCK,
                      speculate=3, speculate_max_batch=4)
-    assert len(sharded.prefix_cache.blocks.k.sharding.device_set) == 4
+    assert len(sharded.executor.blocks.k.sharding.device_set) == 4
     first = sharded.generate([Request(p, MAX_TOKENS, GREEDY) for p in PROMPTS[:2]])
     second = sharded.generate([Request(p, MAX_TOKENS, GREEDY) for p in PROMPTS[2:]])
     assert [r.token_ids for r in first + second] == alone

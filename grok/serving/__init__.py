@@ -1,7 +1,8 @@
 """Generation: text in, tokens out, many requests at once.
 
 `api` (`Grok`: load, logits, generate), `engine` (continuous batching over KV-cache slots,
-streaming, stops, speculation), `programs` (the engine's jitted prefill and decode steps),
+streaming, stops, speculation: host state only), `executor` (the device side: the caches and the one
+place the engine's programs run), `programs` (the jitted prefill and decode steps),
 `prefix_cache`, `sampling`, `tokenizer`, `chat` (chat templates, in `chat_templates/`).
 
 May import: `grok.checkpoint`, `grok.parallel`, `grok.model` and `grok.native`.

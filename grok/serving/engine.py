@@ -32,20 +32,12 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import jax
 import numpy as np
 
-from grok.checkpoint.loader import place
 from grok.model import transformer
 from grok.model.config import GrokConfig
 from grok.parallel.sharding import Sharder
-from grok.serving.prefix_cache import (
-    DEFAULT_BLOCK_SIZE,
-    Blocks,
-    PrefixCache,
-    block_hashes,
-    bytes_per_block,
-    restore,
-    save,
-)
-from grok.serving.programs import MAX_TOP_LOGPROBS, row_settings, step_functions
+from grok.serving.executor import Executor
+from grok.serving.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache, block_hashes, bytes_per_block
+from grok.serving.programs import MAX_TOP_LOGPROBS, row_settings
 from grok.serving.sampling import SamplingParams
 from grok.serving.tokenizer import Tokenizer
 
@@ -260,27 +252,15 @@ class Engine:
         # decode steps (and how many speculated), tokens proposed and accepted.
         self.stats: collections.Counter[str] = collections.Counter()
 
-        sharder = grok.sharder
-        kv_heads = sharder.cache_heads(config)
-
-        def cache(rows: int, length: int) -> transformer.Cache:
-            return transformer.empty_cache(config, rows, length, grok.scan_layers, sharder.zeros_cache, kv_heads)
-
-        self._memory = transformer.KVMemory(
-            k=cache(max_batch, self.cache_len),
-            v=cache(max_batch, self.cache_len),
-            mask=sharder.put(np.zeros((max_batch, self.cache_len), bool), "tokens"),
-            step=sharder.put(np.zeros((max_batch, 1), np.int32), "tokens")[:, 0],
-        )
-        self.prefix_cache: PrefixCache | None = None
         block = scheduling.block_size
-        capacity = scheduling.prefix_cache_bytes // bytes_per_block(config, block, kv_heads, transformer.cache_dtype())
-        if capacity > 0 and block < self.cache_len:
-            blocks = Blocks(k=cache(capacity, block), v=cache(capacity, block),
-                            mask=sharder.put(np.zeros((capacity, block), bool), "tokens"))
-            self.prefix_cache = PrefixCache(blocks, block)
+        capacity = scheduling.prefix_cache_bytes // bytes_per_block(
+            config, block, grok.sharder.cache_heads(config), transformer.cache_dtype())
+        if capacity <= 0 or block >= self.cache_len:
+            capacity = 0
+        # Every device call goes through the executor: the engine holds host state only.
+        self.executor = Executor(grok, max_batch, self.cache_len, capacity, block)
+        self.prefix_cache = PrefixCache(capacity, block) if capacity else None
         self._settings = row_settings(max_batch)
-        self._prefill, self._decode = step_functions(grok.apply, sharder.replicated())
 
     # ------------------------------------------------------------------ public API
 
@@ -343,8 +323,8 @@ class Engine:
                 tokens = np.full((self.max_batch, width), self.grok.config.pad_token, np.int32)
                 outputs.append(self._decode_rows(tokens, idle))
             if self.prefix_cache is not None:
-                self._restore(0, [])
-                self._save(0, [], [])
+                self.executor.restore(0, [])
+                self.executor.save(0, [], [])
             jax.block_until_ready(outputs)
 
     @property
@@ -422,7 +402,7 @@ class Engine:
                 usable = (len(ids) - 1) // self.prefix_cache.block_size  # at least one token left to prefill
                 names = block_hashes(ids[: usable * self.prefix_cache.block_size], self.prefix_cache.block_size)
                 rows = self.prefix_cache.match(names)
-                self._restore(i, rows)
+                self.executor.restore(i, rows)
                 slot.position, slot.blocks = len(rows) * self.prefix_cache.block_size, names[: len(rows)]
                 self.stats["prefix_hit_tokens"] += slot.position
             self._admitted.append(i)
@@ -479,11 +459,7 @@ class Engine:
         sampled outputs after it."""
         tokens = np.full((1, _bucket(len(chunk), self.prefill_chunk)), self.grok.config.pad_token, np.int32)
         tokens[0, : len(chunk)] = chunk
-        out, self._memory = self._prefill(
-            self.grok.params, self._memory, self._replicated(np.int32(i)), self._replicated(tokens),
-            self._replicated(np.int32(len(chunk))), self._replicated(np.bool_(reset)), self._row_settings(i),
-        )
-        return out
+        return self.executor.prefill(i, tokens, len(chunk), reset, {k: v[i : i + 1] for k, v in self._settings.items()})
 
     def _decode_step(self) -> None:
         """Feed every decoding stream its latest token, with the tokens prompt lookup proposes to
@@ -530,11 +506,7 @@ class Engine:
 
     def _decode_rows(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple:
         """Run the decode step: tokens [max_batch, T] in, row b feeding its first `lengths[b]`."""
-        settings = {k: self._replicated(v) for k, v in self._settings.items()}
-        out, self._memory = self._decode(
-            self.grok.params, self._memory, self.grok.sharder.put(tokens, "tokens"), self._replicated(lengths), settings
-        )
-        return out
+        return self.executor.decode(tokens, lengths, self._settings)
 
     def _emit(self, i: int, token, logprob, top_ids, top_logprobs) -> None:
         """Record slot i's new token, stream it, and finish the request if it is done."""
@@ -603,28 +575,7 @@ class Engine:
         slot.blocks = block_hashes(slot.cached_tokens(), cache.block_size, slot.blocks)
         placed = cache.allocate(slot.blocks, keep=set(slot.blocks))
         if placed:
-            self._save(i, *zip(*placed))
-
-    def _restore(self, i: int, rows: Sequence[int]) -> None:
-        self._memory = restore(self.prefix_cache.block_size, self._memory, self.prefix_cache.blocks,
-                               self._replicated(np.int32(i)), self._block_list(rows), self._replicated(np.int32(len(rows))))
-
-    def _save(self, i: int, indices: Sequence[int], rows: Sequence[int]) -> None:
-        cache = self.prefix_cache
-        cache.blocks = save(cache.block_size, cache.blocks, self._memory, self._replicated(np.int32(i)),
-                            self._block_list(indices), self._block_list(rows), self._replicated(np.int32(len(rows))))
-
-    def _block_list(self, values: Sequence[int]) -> jax.Array:
-        """Block indices padded to one length (a row's block count), so one program serves all."""
-        padded = np.zeros(self.cache_len // self.prefix_cache.block_size, np.int32)
-        padded[: len(values)] = values
-        return self._replicated(padded)
-
-    def _replicated(self, x) -> jax.Array:
-        return place(np.asarray(x), self.grok.sharder.replicated())
-
-    def _row_settings(self, i: int) -> dict[str, jax.Array]:
-        return {k: self._replicated(v[i : i + 1]) for k, v in self._settings.items()}
+            self.executor.save(i, *zip(*placed))
 
 
 def prompt_lookup(history: Sequence[int], ngram: int, count: int, min_ngram: int = 1) -> list[int]:

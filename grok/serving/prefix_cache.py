@@ -53,12 +53,12 @@ def block_hashes(tokens: list[int], block_size: int, known: list[bytes] = ()) ->
 
 
 class PrefixCache:
-    """The store of blocks and its LRU index (host side); `restore`/`save` move blocks on device."""
+    """The LRU index of a store of `capacity` blocks (host side); `restore`/`save` move the blocks on
+    device (`grok.serving.executor.Executor` holds the store)."""
 
-    def __init__(self, blocks: Blocks, block_size: int):
-        self.blocks = blocks
+    def __init__(self, capacity: int, block_size: int):
         self.block_size = block_size
-        self.capacity = blocks.mask.shape[0]
+        self.capacity = capacity
         self._index: collections.OrderedDict[bytes, int] = collections.OrderedDict()  # least recent first
         self._free = list(range(self.capacity))
         self.hits = 0  # blocks reused, counted over the cache's life
