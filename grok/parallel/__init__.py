@@ -2,7 +2,8 @@
 
 `sharding` (regex partition rules from `partition_rules/*.toml`, meshes, the `Sharder` that
 places parameters, activations and the KV cache), `distributed` (multi-process start-up under
-`jax.distributed`), `threads` (XLA:CPU's thread pool and the native kernels' limit).
+`jax.distributed`), `threads` (XLA:CPU's thread pool and the native kernels' limit), `wire`
+(messages between processes: JSON and raw array bytes, never a pickle).
 
 May import: `grok.model` and `grok.native`.
 """

@@ -7,27 +7,46 @@ slot and `save` a slot's blocks into the store. Each call takes host values only
 and row indices, lengths, per-row sampling settings), never a device array, so that on a pod every
 process can run the same calls in the same order from a copy of their arguments. The engine keeps
 all scheduling state; on one process it calls an executor directly.
+
+Every call is numbered. With a `send` hook (a pod's leader), each call is first handed to it as a
+message (`grok.parallel.wire`: its number, its name and its arguments); `replay` runs such a
+message on another executor (a follower), and refuses one out of sequence, so a lost or reordered
+message is an error, never a silent divergence.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 from grok.checkpoint.loader import place
 from grok.model import transformer
+from grok.parallel import wire
 from grok.serving.prefix_cache import Blocks, restore, save
 from grok.serving.programs import step_functions
 
 
+CALLS = ("prefill", "decode", "restore", "save")
+
+
+class ReplayError(RuntimeError):
+    """A message a follower cannot replay: out of sequence, or not an executor call."""
+
+
 class Executor:
     """`rows` KV-cache slots of `cache_len` positions for `model` (a `grok.serving.engine.Model`),
-    and a store of `store_blocks` prefix-cache blocks of `block_size` tokens (none when 0)."""
+    and a store of `store_blocks` prefix-cache blocks of `block_size` tokens (none when 0).
+    `send`: called with each call's message before the call runs (see the module's docstring)."""
 
-    def __init__(self, model, rows: int, cache_len: int, store_blocks: int = 0, block_size: int = 1):
+    def __init__(
+        self, model, rows: int, cache_len: int, store_blocks: int = 0, block_size: int = 1,
+        send: Callable[[bytes], None] | None = None,
+    ):
         config, sharder = model.config, model.sharder
+        self.send = send
+        self.calls = 0  # calls run so far: the next one's number
         kv_heads = sharder.cache_heads(config)
         self.model = model
         self.cache_len = cache_len
@@ -46,34 +65,66 @@ class Executor:
         if store_blocks > 0:
             self.blocks = Blocks(k=cache(store_blocks, block_size), v=cache(store_blocks, block_size),
                                  mask=sharder.put(np.zeros((store_blocks, block_size), bool), "tokens"))
-        self._prefill, self._decode = step_functions(model.apply, sharder.replicated())
+        self._programs = step_functions(model.apply, sharder.replicated())  # (prefill, decode)
 
     def prefill(self, slot: int, tokens: np.ndarray, length: int, reset: bool, settings: dict[str, np.ndarray]) -> tuple:
         """Run tokens [1, T] (the first `length` real) into `slot`'s cache row, emptied first when
         `reset`; returns the sampled outputs after them (device arrays). `settings`: the row's."""
+        return self._issue("prefill", slot=int(slot), tokens=np.asarray(tokens, np.int32), length=int(length),
+                           reset=bool(reset), settings=settings)
+
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray, settings: dict[str, np.ndarray]) -> tuple:
+        """One decode step of every slot: tokens [rows, T] in, row b feeding its first `lengths[b]`;
+        returns the chosen tokens and their log-probabilities (device arrays)."""
+        return self._issue("decode", tokens=np.asarray(tokens, np.int32), lengths=np.asarray(lengths, np.int32),
+                           settings=settings)
+
+    def restore(self, slot: int, rows: Sequence[int]) -> None:
+        """Copy the stored blocks `rows` into `slot`'s cache row, from its first position on."""
+        self._issue("restore", slot=int(slot), rows=[int(r) for r in rows])
+
+    def save(self, slot: int, indices: Sequence[int], rows: Sequence[int]) -> None:
+        """Copy `slot`'s blocks `indices` (counted from its first position) into the store's `rows`."""
+        self._issue("save", slot=int(slot), indices=[int(i) for i in indices], rows=[int(r) for r in rows])
+
+    def replay(self, message: bytes):
+        """Run a call another executor sent (`send`), which must be the next in its sequence."""
+        call = wire.decode(message)
+        if call.get("call") not in CALLS or not isinstance(call.get("args"), dict):
+            raise ReplayError(f"not an executor call: {call.get('call')!r}")
+        if call.get("seq") != self.calls:
+            raise ReplayError(f"call {call.get('seq')} arrived where call {self.calls} was due")
+        return self._run(call["call"], call["args"])
+
+    def _issue(self, name: str, **args):
+        if self.send is not None:
+            self.send(wire.encode({"seq": self.calls, "call": name, "args": args}))
+        return self._run(name, args)
+
+    def _run(self, name: str, args: dict):
+        self.calls += 1
+        return getattr(self, f"_{name}")(**args)
+
+    def _prefill(self, slot, tokens, length, reset, settings) -> tuple:
         put = self._replicated
-        out, self.memory = self._prefill(
+        out, self.memory = self._programs[0](
             self.model.params, self.memory, put(np.int32(slot)), put(tokens), put(np.int32(length)),
             put(np.bool_(reset)), {k: put(v) for k, v in settings.items()},
         )
         return out
 
-    def decode(self, tokens: np.ndarray, lengths: np.ndarray, settings: dict[str, np.ndarray]) -> tuple:
-        """One decode step of every slot: tokens [rows, T] in, row b feeding its first `lengths[b]`;
-        returns the chosen tokens and their log-probabilities (device arrays)."""
-        out, self.memory = self._decode(
+    def _decode(self, tokens, lengths, settings) -> tuple:
+        out, self.memory = self._programs[1](
             self.model.params, self.memory, self.model.sharder.put(tokens, "tokens"), self._replicated(lengths),
             {k: self._replicated(v) for k, v in settings.items()},
         )
         return out
 
-    def restore(self, slot: int, rows: Sequence[int]) -> None:
-        """Copy the stored blocks `rows` into `slot`'s cache row, from its first position on."""
+    def _restore(self, slot, rows) -> None:
         self.memory = restore(self.block_size, self.memory, self.blocks, self._replicated(np.int32(slot)),
                               self._block_list(rows), self._replicated(np.int32(len(rows))))
 
-    def save(self, slot: int, indices: Sequence[int], rows: Sequence[int]) -> None:
-        """Copy `slot`'s blocks `indices` (counted from its first position) into the store's `rows`."""
+    def _save(self, slot, indices, rows) -> None:
         self.blocks = save(self.block_size, self.blocks, self.memory, self._replicated(np.int32(slot)),
                            self._block_list(indices), self._block_list(rows), self._replicated(np.int32(len(rows))))
 
