@@ -509,18 +509,15 @@ def plan(args: argparse.Namespace) -> int:
     rules = load_rules(args.rules) if args.rules is not None else None
     devices = args.cpu_devices or (math.prod(parse_mesh(args.mesh, rules).values()) if args.mesh else 8)
     target = TARGETS[args.target]
+    rules, shape = choose_layout(config, devices, args.rules, args.mesh)
     if target.platform == "cpu":
         distributed.initialize(None, None, None, devices, "off")
+        mesh, where = mesh_of(shape), f"{devices} devices (virtual CPU devices; compiling takes under a minute)"
     else:
         use_cpu_backend()
-    rules, shape = choose_layout(config, devices, args.rules, args.mesh)
-    mesh = mesh_of(shape) if target.platform == "cpu" else target.mesh(shape, rules.axes)
-    if target.platform == "cpu":
-        print(f"Planning {args.config} on {devices} devices (virtual CPU devices; compiling takes under a minute)...",
-              flush=True)
-    else:
-        print(f"Planning {args.config} on {devices} x {target.description}, compiled by its own compiler with no "
-              "device present...", flush=True)
+        mesh = target.mesh(shape, rules.axes)
+        where = f"{devices} x {target.description}, compiled by its own compiler with no device present"
+    print(f"Planning {args.config} on {where}...", flush=True)
     prefix = None if args.prefix_cache_mb is None else int(args.prefix_cache_mb * 1e6)
     result = make_plan(config, Sharder(rules, mesh), args.batch, cache_len, prefix_cache_bytes=prefix, target=target)
     print(result.describe())

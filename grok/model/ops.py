@@ -24,6 +24,7 @@ from grok.model.quant import (
     dequantize,
     dequantize_t_to_f32,
     dequantize_to_f32,
+    rows_weight_spec,
 )
 
 MOE_IMPLS = ("auto", "all_experts", "ragged", "gather")
@@ -413,19 +414,17 @@ def moe_decode(
     its own expert's output. The same numbers as `moe_all_experts` (summation order aside).
     """
     n, k = experts.shape
-    if n * k <= num_experts(w_in) and isinstance(experts_split, ExpertSplit):
-        per_pair = _selected_on_each_device(x, experts, (w_in, w_gate, w_out), experts_split)
-    elif n * k <= num_experts(w_in) and not experts_split:
-        pick = lambda w, e: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, 0, keepdims=False), w)
-        pairs = [
-            _ffn_rows(x[i : i + 1], *(pick(w, experts[i, j]) for w in (w_in, w_gate, w_out)))[0]
-            for i in range(n) for j in range(k)
-        ]
+    weights = (w_in, w_gate, w_out)
+    few = n * k <= num_experts(w_in)  # at most one token-expert pair per expert
+    if few and isinstance(experts_split, ExpertSplit):
+        per_pair = _selected_on_each_device(x, experts, weights, experts_split)
+    elif few and not experts_split:
+        pairs = [_ffn_rows(x[i : i + 1], *(_index(w, experts[i, j]) for w in weights))[0]
+                 for i in range(n) for j in range(k)]
         per_pair = jnp.stack(pairs).reshape(n, k, -1)
     elif isinstance(w_in, Int8RowsWeight) and not experts_split:  # GPU: the input products in a loop (XLA:GPU would lay a
         # batched reduction out by transposing the weights), the output product batched over experts
-        expert = lambda w, e: jax.tree.map(lambda a: a[e], w)
-        hidden = [_hidden_rows(x, expert(w_in, e), expert(w_gate, e)) for e in range(num_experts(w_in))]
+        hidden = [_hidden_rows(x, _index(w_in, e), _index(w_gate, e)) for e in range(num_experts(w_in))]
         per_pair = int8_rows_product(jnp.stack(hidden), w_out)[experts, jnp.arange(n)[:, None]]
     else:  # TPU, or experts split: batched over the experts, each device on its own
         every = jax.vmap(_ffn_rows, in_axes=(None, 0, 0, 0))(x, w_in, w_gate, w_out)  # [E, n, d]
@@ -453,8 +452,7 @@ def _selected_on_each_device(
             for j in range(k):
                 e = experts[i, j] - first
                 at = jnp.clip(e, 0, count - 1)
-                pick = lambda w: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, at, 0, keepdims=False), w)
-                y = _ffn_rows(x[i : i + 1], *map(pick, weights))[0]
+                y = _ffn_rows(x[i : i + 1], *(_index(w, at) for w in weights))[0]
                 pairs.append(jnp.where((e >= 0) & (e < count), y, 0.0))
         return jax.lax.psum(jnp.stack(pairs).reshape(n, k, -1), (*expert_axes, *ffn_axes))
 
@@ -464,10 +462,9 @@ def _selected_on_each_device(
 
 
 def _held_spec(w: QuantizedWeight8bit | Int8RowsWeight, spec: QuantizedWeight8bit):
-    """The specs of a weight as held: the released ones, or their last two axes swapped on a GPU."""
+    """The specs of a weight as held: the released ones, or the GPU format's (`rows_weight_spec`)."""
     if isinstance(w, Int8RowsWeight):
-        *lead, rows, cols = spec.weight
-        return Int8RowsWeight(weight_t=jax.sharding.PartitionSpec(*lead, cols, rows), scales=spec.scales)
+        return Int8RowsWeight(weight_t=rows_weight_spec(spec.weight, w.weight_t.ndim), scales=spec.scales)
     return spec
 
 
@@ -672,16 +669,17 @@ def _expert_matrix(w: ExpertWeights, e: int | Int[Array, ""], how) -> Array:
     """Expert e's [in, out] weight; an 8-bit one dequantized (only this expert's)."""
     if isinstance(w, F32Experts):  # bf16 values in f32 already, transposed
         return w.values_t[e].T.astype(_dtype_of(how))
-    if isinstance(w, (QuantizedWeight8bit, Int8RowsWeight)):
-        return _matmul_weight(jax.tree.map(lambda a: a[e], w), how)
-    return _matmul_weight(w[e], how)
+    return _matmul_weight(_index(w, e), how)
 
 
 def _gathered(w: ExpertWeights, index: Int[Array, "p"], how) -> Array:
     """The weights of experts `index`, stacked [p, in, out]; 8-bit ones dequantized after the gather."""
-    if isinstance(w, (QuantizedWeight8bit, Int8RowsWeight)):
-        return _matmul_weight(jax.tree.map(lambda a: a[index], w), how)
-    return _matmul_weight(w[index], how)
+    return _matmul_weight(_index(w, index), how)
+
+
+def _index(w, index):
+    """`w[index]` along the expert axis of a weight, float or 8-bit (each of its arrays)."""
+    return jax.tree.map(lambda a: a[index], w)
 
 
 def _all_expert_matrices(w: ExpertWeights, dtype) -> Array:

@@ -106,13 +106,16 @@ def to_rows_weight(w: QuantizedWeight8bit) -> Int8RowsWeight:
     return Int8RowsWeight(weight_t=w.weight.swapaxes(-1, -2), scales=w.scales)
 
 
+def rows_weight_spec(spec: jax.sharding.PartitionSpec, ndim: int) -> jax.sharding.PartitionSpec:
+    """The PartitionSpec of an `Int8RowsWeight`'s `weight_t` whose released weight has `spec`."""
+    *lead, rows, cols = (*spec, *(None,) * (ndim - len(spec)))
+    return jax.sharding.PartitionSpec(*lead, cols, rows)
+
+
 def dequantize_t_to_f32(w: Int8RowsWeight) -> Shaped[Array, "*e n_out n_in"]:
     """`dequantize_to_f32` of the weight, transposed: [..., out, in]."""
-    *lead, blocks, n_out = w.scales.shape
-    n_in = w.weight_t.shape[-1]
-    scales = _round_to_bf16(jnp.swapaxes(w.scales, -1, -2))[..., None]  # [..., out, blocks, 1]
-    rows = jnp.broadcast_to(scales, (*lead, n_out, blocks, n_in // blocks)).reshape(*lead, n_out, n_in)
-    return _round_to_bf16(w.weight_t.astype(jnp.float32) * rows)
+    scales = jnp.swapaxes(_row_scales(_round_to_bf16(w.scales), w.weight_t.shape[-1]), -1, -2)
+    return _round_to_bf16(w.weight_t.astype(jnp.float32) * scales)
 
 
 @jax.tree_util.register_dataclass

@@ -38,6 +38,7 @@ from grok.model.quant import (
     to_f32_table,
     to_f32_weight,
     to_int8_cpu_weight,
+    rows_weight_spec,
     to_rows_weight,
 )
 
@@ -485,8 +486,7 @@ def _rows_weight(w: QuantizedWeight8bit) -> Int8RowsWeight:
     *lead, n_in, n_out = w.weight.shape
     sharding = w.weight.sharding
     if sharding is not None:
-        spec = (*sharding.spec, *(None,) * (len(w.weight.shape) - len(sharding.spec)))
-        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:-2], spec[-1], spec[-2]))
+        sharding = jax.sharding.NamedSharding(sharding.mesh, rows_weight_spec(sharding.spec, len(w.weight.shape)))
     return Int8RowsWeight(weight_t=jax.ShapeDtypeStruct((*lead, n_out, n_in), w.weight.dtype, sharding=sharding),
                           scales=w.scales)
 

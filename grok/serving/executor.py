@@ -65,7 +65,7 @@ class Executor:
         if store_blocks > 0:
             self.blocks = Blocks(k=cache(store_blocks, block_size), v=cache(store_blocks, block_size),
                                  mask=sharder.put(np.zeros((store_blocks, block_size), bool), "tokens"))
-        self._programs = step_functions(model.apply, sharder.replicated())  # (prefill, decode)
+        self._prefill_program, self._decode_program = step_functions(model.apply, sharder.replicated())
 
     def prefill(self, slot: int, tokens: np.ndarray, length: int, reset: bool, settings: dict[str, np.ndarray]) -> tuple:
         """Run tokens [1, T] (the first `length` real) into `slot`'s cache row, emptied first when
@@ -107,14 +107,14 @@ class Executor:
 
     def _prefill(self, slot, tokens, length, reset, settings) -> tuple:
         put = self._replicated
-        out, self.memory = self._programs[0](
+        out, self.memory = self._prefill_program(
             self.model.params, self.memory, put(np.int32(slot)), put(tokens), put(np.int32(length)),
             put(np.bool_(reset)), {k: put(v) for k, v in settings.items()},
         )
         return out
 
     def _decode(self, tokens, lengths, settings) -> tuple:
-        out, self.memory = self._programs[1](
+        out, self.memory = self._decode_program(
             self.model.params, self.memory, self.model.sharder.put(tokens, "tokens"), self._replicated(lengths),
             {k: self._replicated(v) for k, v in settings.items()},
         )
