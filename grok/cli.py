@@ -19,12 +19,14 @@ from grok.checkpoint.files import CheckpointError, find_checkpoint_dir
 from grok.model.config import GrokConfig, load_config
 from grok.model.transformer import cache_dtype
 from grok.parallel import distributed, threads
+from grok.parallel.channel import ChannelError
 from grok.parallel.sharding import Sharder, load_rules, make_mesh, mesh_of, mesh_text, parse_mesh
 from grok.planning.plan import choose_layout, make_plan
 from grok.planning.targets import TARGETS, use_cpu_backend
 from grok.serving.api import Grok, SamplingParams
 from grok.serving.chat import ChatTemplate
 from grok.serving.engine import Engine, Scheduling
+from grok.serving.pod import HEARTBEAT_TIMEOUT_S
 from grok.serving.prefix_cache import DEFAULT_SHARE, default_bytes
 from grok.serving.tokenizer import BYTE_TOKENIZER, ByteTokenizer
 
@@ -308,6 +310,11 @@ def _model_flags() -> argparse.ArgumentParser:
     multi.add_argument("--num-processes", type=int, metavar="N", help="number of processes taking part")
     multi.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1")
     multi.add_argument(
+        "--heartbeat-timeout", type=_ranged(float, 0.5), metavar="SECONDS", default=HEARTBEAT_TIMEOUT_S,
+        help="on several processes, the leader's: a follower silent for this long is lost (the run ends "
+        f"with an error), and so is the leader to its followers (default {HEARTBEAT_TIMEOUT_S:g})",
+    )
+    multi.add_argument(
         "--cpu-devices",
         type=int,
         metavar="N",
@@ -345,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as err:  # ShardingError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ChannelError as err:  # a pod's processes that cannot start together
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def _take_threads(bench_args: list[str]) -> int | None:
@@ -422,8 +432,6 @@ def _load_model(args: argparse.Namespace, prompt_ids_given: bool = False) -> Gro
         raise ValueError(f"could not start the distributed run: {str(err).strip().splitlines()[0]}") from None
     # Only from here on may JAX touch devices.
     lead = jax.process_index() == 0
-    if not lead:
-        logging.getLogger().setLevel(logging.WARNING)
     sharder = None
     if sharded:
         rules, shape = choose_layout(config, jax.device_count(), args.rules, args.mesh)
@@ -447,12 +455,27 @@ def _load_model(args: argparse.Namespace, prompt_ids_given: bool = False) -> Gro
                     "Grok-shaped model with RANDOM weights (its output is meaningless) and a byte-level tokenizer."
                 )
             directory = write_demo_checkpoint(Path(tmp) / "ckpt-0")
-            return Grok.from_checkpoint(directory, DEMO_CONFIG, ByteTokenizer(), sharder, lead, cpu_format)
+            return Grok.from_checkpoint(directory, DEMO_CONFIG, ByteTokenizer(), sharder, lead, cpu_format,
+                                        args.heartbeat_timeout)
     tokenizer = args.tokenizer
     if tokenizer is None and not prompt_ids_given:
         tokenizer = DEFAULT_TOKENIZER
     log.info("loading %s with config %s", checkpoint, args.config)
-    return Grok.from_checkpoint(checkpoint, args.config, tokenizer, sharder, lead, cpu_format)
+    return Grok.from_checkpoint(checkpoint, args.config, tokenizer, sharder, lead, cpu_format, args.heartbeat_timeout)
+
+
+def _follow(model: Grok) -> int:
+    """A pod's follower: run the leader's device calls until it stops, then leave the run."""
+    model.follow()
+    jax.distributed.shutdown()
+    return 0
+
+
+def _close(model: Grok) -> None:
+    """A pod's leader: stop the followers, then leave the run (nothing on one process)."""
+    if model.pod is not None:
+        model.close()
+        jax.distributed.shutdown()
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -461,14 +484,15 @@ def generate(args: argparse.Namespace) -> int:
     prompt = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
     _check_layout_flags(args)
     model = _load_model(args, prompt_ids_given=args.prompt_ids is not None)
-    lead = jax.process_index() == 0
+    if jax.process_index() > 0:
+        return _follow(model)
     result = model.generate(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)
-    if lead:
-        print(f"Prompt: {args.prompt}" if args.prompt_ids is None else f"Prompt ids: {prompt}")
-        if result.text is not None:
-            print(f"Output: {result.text}")
-        print(f"Token ids: {result.token_ids}")
-        print(f"({len(result.token_ids)} tokens, finished by {result.finish_reason})")
+    _close(model)
+    print(f"Prompt: {args.prompt}" if args.prompt_ids is None else f"Prompt ids: {prompt}")
+    if result.text is not None:
+        print(f"Output: {result.text}")
+    print(f"Token ids: {result.token_ids}")
+    print(f"({len(result.token_ids)} tokens, finished by {result.finish_reason})")
     return 0
 
 
@@ -480,6 +504,8 @@ def serve(args: argparse.Namespace) -> int:
     chat_template = ChatTemplate.load(args.chat_template)  # a bad file: "FILE: what is wrong", at once
     _cache_len(args.cache_len, _checkpoint_and_config(args)[1])  # before the slow part
     model = _load_model(args)
+    if jax.process_index() > 0:  # no HTTP server, no scheduler: the leader's calls only
+        return _follow(model)
     engine = Engine(model, max_batch=args.max_batch, cache_len=args.cache_len, scheduling=_scheduling(args, model))
     if engine.prefix_cache is not None:
         log.info("prefix cache: %d blocks of %d tokens (%.0f MB)", engine.prefix_cache.capacity,
@@ -488,6 +514,7 @@ def serve(args: argparse.Namespace) -> int:
              "required" if api_key else "not required")
     lifecycle.serve(engine, args.host, args.port, args.model_name, api_key, args.max_queue,
                     chat_template=chat_template)
+    _close(model)
     return 0
 
 

@@ -8,9 +8,7 @@ cluster detection and errors of `grok.parallel.distributed.initialize`, and the 
 import functools
 import json
 import os
-import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from processes import free_port, is_cluster_var, worker_env
 
 from grok import cli
 from grok.checkpoint.demo import DEMO_CONFIG, write_demo_checkpoint
@@ -44,47 +43,13 @@ def shard_checkpoint(tmp_path_factory):
     return write_demo_checkpoint(tmp / "ckpt-0", CONFIG), config
 
 
-# What JAX's cluster detection (or our flags) read: none of it may leak in from wherever the tests run.
-CLUSTER_PREFIXES = ("GROK_", "SLURM_", "OMPI_", "PMI_", "MEGASCALE_", "TPU_WORKER_")
-CLUSTER_VARS = ("KUBERNETES_SERVICE_HOST", "TPU_PROCESS_ADDRESSES", "JAX_COORDINATOR_ADDRESS",
-                "JAX_COORDINATOR_PORT", "JAX_LOCAL_DEVICE_IDS", "JOB_COMPLETION_INDEX")
-
-
-def _is_cluster_var(name: str) -> bool:
-    return name.startswith(CLUSTER_PREFIXES) or name in CLUSTER_VARS
-
-
 @pytest.fixture
 def no_grok_env(monkeypatch):
     """No GROK_* variables and no cluster for JAX to detect (not even a TPU VM's metadata server)."""
-    for name in [name for name in os.environ if _is_cluster_var(name)]:
+    for name in [name for name in os.environ if is_cluster_var(name)]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
     return monkeypatch
-
-
-def _free_port(low: int = 0, high: int = 0) -> int:
-    """A port nothing listens on: any, or one in low..high."""
-    for _ in range(100):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", random.randint(low, high) if low else 0))
-            except OSError:
-                continue
-            return sock.getsockname()[1]
-    raise RuntimeError(f"no free port in {low}..{high}")
-
-
-def _worker_env() -> dict[str, str]:
-    """This environment for a CLI process: CPU only, and its device count set by --cpu-devices."""
-    env = {k: v for k, v in os.environ.items() if not _is_cluster_var(k)}
-    env["JAX_PLATFORMS"] = "cpu"
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", "")).strip()
-    if flags:
-        env["XLA_FLAGS"] = flags
-    else:
-        env.pop("XLA_FLAGS", None)
-    return env
 
 
 def _token_ids(stdout: str) -> list[int]:
@@ -165,13 +130,13 @@ def test_four_processes_under_expert_tensor_parallel_generate_what_one_device_do
     """4 processes x 4 CPU devices: experts split over expert x model, attention over model (the 2 kv
     heads repeated to fill it), batch over data; greedy tokens as on a single device."""
     directory, config = demo_checkpoint
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     command = _generate_command(
         directory, config, "--rules", "expert_tensor_parallel", "--mesh", mesh, "--coordinator", coordinator,
         "--num-processes", "4", "--cpu-devices", "4", prompt=DEMO_PROMPT, new_tokens=DEMO_NEW_TOKENS,
     )
     expected, outputs = _run_workers(
-        tmp_path, [command + ["--process-id", str(i)] for i in range(4)], [_worker_env()] * 4,
+        tmp_path, [command + ["--process-id", str(i)] for i in range(4)], [worker_env()] * 4,
         lambda: _one_device_greedy(directory),
     )
     assert len(expected) == DEMO_NEW_TOKENS and len(set(expected)) > 1
@@ -199,11 +164,11 @@ def _slurm_env(job_id: int, num_tasks: int, task: int) -> dict[str, str]:
 def test_two_processes_join_a_slurm_job_step_by_themselves(shard_checkpoint, tmp_path):
     """No --coordinator: each process finds the others from its SLURM variables, as under `srun -n 2`."""
     directory, config = shard_checkpoint
-    port = _free_port(*SLURM_PORTS)
+    port = free_port(*SLURM_PORTS)
     job_id = 4096 * 321 + port - SLURM_PORTS[0]
     command = _generate_command(directory, config, "--rules", "replicated", "--cpu-devices", "2")
     commands = [command + ["--distributed", "auto"], command]  # auto is also the default
-    envs = [{**_worker_env(), **_slurm_env(job_id, 2, i)} for i in range(2)]
+    envs = [{**worker_env(), **_slurm_env(job_id, 2, i)} for i in range(2)]
 
     def meanwhile():
         greedy = SamplingParams(temperature=0)

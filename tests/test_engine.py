@@ -3,7 +3,6 @@
 import threading
 
 import jax
-
 import numpy as np
 import pytest
 

@@ -49,7 +49,7 @@ def test_a_message_out_of_sequence_or_not_a_call_is_refused(grok):
         follower.replay(sent[1])
     follower.replay(sent[0])
     with pytest.raises(ReplayError, match="not an executor call: 'shutdown'"):
-        follower.replay(wire.encode({"seq": 1, "call": "shutdown", "args": {}}))
+        follower.replay(wire.encode({"op": "call", "seq": 1, "call": "shutdown", "args": {}}))
     follower.replay(sent[1])
     assert follower.calls == leader.calls == 2
 

@@ -128,7 +128,8 @@ def test_shutdown_ends_open_streams_with_a_final_event(engine):
 
 def test_metrics_never_divide_by_zero_batch_slots():
     """The occupancy gauge of an engine with no slots reads 0 rather than failing `/metrics` (500)."""
-    engine = types.SimpleNamespace(queued=0, active=0, max_batch=0, prefix_cache=None, stats=collections.Counter())
+    engine = types.SimpleNamespace(queued=0, active=0, max_batch=0, prefix_cache=None, stats=collections.Counter(),
+                                   grok=types.SimpleNamespace(pod=None))
     registry = Metrics(engine).registry
     assert b"grok_batch_occupancy 0.0" in generate_latest(registry)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import stat
@@ -155,6 +156,27 @@ def expected_weights(config: GrokConfig) -> tuple[tuple[str, ...], tuple, jax.tr
 def tensor_files(directory: Path) -> set[str]:
     """Names of the release tensor files (`tensorNNNNN_NNN`) in `directory`."""
     return {name for name in os.listdir(directory) if _TENSOR_FILE.fullmatch(name)}
+
+
+FINGERPRINT_BYTES = 64 << 10  # read from each end of every file by `fingerprint_files`
+
+
+def fingerprint_files(directory: PathLike) -> str:
+    """A short digest of a checkpoint directory's files: their names, sizes and first and last
+    FINGERPRINT_BYTES, which tell two checkpoints apart without reading hundreds of gigabytes."""
+    digest, count, total = hashlib.sha256(), 0, 0
+    for path in sorted(Path(directory).iterdir()):
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open_regular_file(path) as f:
+            digest.update(f.read(FINGERPRINT_BYTES))
+            if size > FINGERPRINT_BYTES:
+                f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                digest.update(f.read())
+        count, total = count + 1, total + size
+    return f"{digest.hexdigest()[:16]} ({count} files, {total / 1e9:.3g} GB)"
 
 
 def check_files_present(directory: Path, names: Sequence[str]) -> None:

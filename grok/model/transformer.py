@@ -34,11 +34,11 @@ from grok.model.quant import (
     Int8RowsWeight,
     QuantizedWeight8bit,
     dequantize,
+    rows_weight_spec,
     to_bf16_table,
     to_f32_table,
     to_f32_weight,
     to_int8_cpu_weight,
-    rows_weight_spec,
     to_rows_weight,
 )
 

@@ -137,6 +137,8 @@ class _Server:
     async def health(self, request: Request) -> Response:
         status = self.status
         body = {"status": status, "active": self.engine.active, "queued": self.engine.queued}
+        if status == "engine stopped" and self.engine.error is not None:
+            body["error"] = str(self.engine.error)  # e.g. which process of a pod was lost
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     async def metrics_text(self, request: Request) -> Response:
@@ -222,7 +224,7 @@ class _Server:
             return Response(status_code=499)
         for choice in run.choices:
             if choice.finish_reason not in FINISH_REASONS:
-                raise _ended_early(choice.finish_reason)
+                raise _ended_early(choice.finish_reason, self.engine.error)
         usage = _usage(prompt_tokens, sum(c.completion_tokens for c in run.choices))
         return JSONResponse({**head, "choices": [answer.final(c) for c in run.choices], "usage": usage})
 
@@ -274,7 +276,7 @@ class _Server:
                 yield _event_line({**head, "choices": [choice], **extra})
             async for choice, step in run.events():
                 if step.finish_reason is not None and step.finish_reason not in FINISH_REASONS:
-                    yield _event_line(_ended_early(step.finish_reason).body())
+                    yield _event_line(_ended_early(step.finish_reason, self.engine.error).body())
                     return
                 for delta in answer.deltas(choice, step):
                     yield _event_line({**head, "choices": [delta], **extra})
@@ -380,8 +382,10 @@ class _Server:
         return None if name.startswith("<|token:") else list(name.encode("utf-8"))
 
 
-def _ended_early(reason: str) -> APIError:
-    """The error for a choice that the engine ended without a result ("cancelled", or a failure)."""
+def _ended_early(reason: str, error: BaseException | None) -> APIError:
+    """The error for a choice that the engine ended without a result ("cancelled", or a failure;
+    `error`: what stopped the engine, if it stopped)."""
     if reason == "cancelled":  # a client that went away reads nothing, so this is for a shutdown
         return APIError(503, "the request was cancelled: the server is shutting down", type="server_error")
-    return APIError(500, f"generation failed ({reason})", type="server_error")
+    cause = f": {error}" if error is not None else ""
+    return APIError(500, f"generation failed ({reason}){cause}", type="server_error")

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from grok.serving.engine import Engine
+from grok.serving.pod import Pod
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -44,6 +45,9 @@ class Metrics:
             lambda: engine.active / max(engine.max_batch, 1)
         )
         registry.register(_EngineCounts(engine))
+        pod = engine.grok.pod
+        if pod is not None:
+            registry.register(_PodCounts(pod))
         if engine.prefix_cache is not None:
             cache = engine.prefix_cache
             Gauge("grok_prefix_cache_blocks", "Blocks the prefix cache holds", registry=registry).set_function(
@@ -73,6 +77,18 @@ class _EngineCounts(Collector):
         for key, text in self.HELP.items():
             name = "grok_speculative_tokens_" + key if key in ("proposed", "accepted") else "grok_" + key
             yield CounterMetricFamily(name, text, value=self.engine.stats[key])
+
+
+class _PodCounts(Collector):
+    """On a pod's leader: what it sent its followers (`grok.serving.pod.Pod`)."""
+
+    def __init__(self, pod: Pod):
+        self.pod = pod
+
+    def collect(self):
+        yield CounterMetricFamily("grok_pod_messages", "Messages sent to the followers (device calls and their "
+                                  "executors' opening and closing)", value=self.pod.messages)
+        yield CounterMetricFamily("grok_pod_sent_bytes", "Bytes sent to each follower", value=self.pod.sent_bytes)
 
 
 class _CountRequests:

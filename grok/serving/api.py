@@ -18,11 +18,14 @@ from grok.checkpoint.loader import load_layers, load_sharded, place
 from grok.model import transformer, weights
 from grok.model.config import GrokConfig, load_config
 from grok.parallel.sharding import Sharder, single_device
+from grok.serving import pod as pods
 from grok.serving.engine import Engine, Generation, Request
+from grok.serving.executor import Mirror, issue
 from grok.serving.sampling import SamplingParams
 from grok.serving.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_BLOCK = 128  # `logits` pads sequences to a multiple of this, so few shapes are compiled
+MAX_GENERATE_BATCH = 8  # `generate` runs at most this many prompts at once
 
 
 def _one_cpu_device(sharder: Sharder) -> bool:
@@ -42,6 +45,10 @@ class Grok:
     for comparison. Elsewhere the weights stay as released, in the scanned layers' stacked tree
     (on an accelerator with the embedding table in bf16, `grok.model.transformer.held_params`).
     All formats give the same numbers.
+
+    On a pod of several processes (`grok.serving.pod`), every process loads the model; process 0
+    (the leader) then calls `generate`, `logits` and `close`, and every other process calls
+    `follow`, which runs the leader's device calls until `close`.
     """
 
     def __init__(
@@ -51,8 +58,10 @@ class Grok:
         tokenizer: Tokenizer | None = None,
         sharder: Sharder | None = None,
         cpu_format: bool | None = None,
+        pod: pods.Pod | None = None,
     ):
         self.config = config
+        self.pod = pod
         self.tokenizer = tokenizer
         self.sharder = sharder or single_device()
         one_cpu = _one_cpu_device(self.sharder)
@@ -85,6 +94,7 @@ class Grok:
         sharder: Sharder | None = None,
         progress: bool = True,
         cpu_format: bool | None = None,
+        heartbeat_timeout_s: float = pods.HEARTBEAT_TIMEOUT_S,
     ) -> Grok:
         """Load a release-format checkpoint; `config` is a preset name, a JSON file or a `GrokConfig`;
         `tokenizer` a SentencePiece model file, "bytes" (the demo's `ByteTokenizer`) or a tokenizer.
@@ -92,6 +102,10 @@ class Grok:
         With a `sharder`, each weight goes straight to its shards (see `grok.checkpoint.loader`). On one CPU
         device each is converted to the CPU format as it is read (`grok.checkpoint.loader.load_layers`), so
         loading holds at most one tensor file more than the loaded model.
+
+        On several processes, they first join as a pod (`grok.serving.pod.join`), which checks that
+        each loads the same config, rules, mesh and checkpoint; a follower silent for
+        `heartbeat_timeout_s` is lost (as is the leader, to its followers).
         """
         config = load_config(config)
         directory = resolve_checkpoint_dir(directory)  # fail fast, before anything slow
@@ -99,13 +113,14 @@ class Grok:
             tokenizer = load_tokenizer(tokenizer)
         sharder = sharder or single_device()
         sharder.check_activations(config)
+        pod = pods.join(pods.fingerprint(config, sharder, directory), heartbeat_timeout_s)
         if _one_cpu_device(sharder):
             leaf = transformer.f32_leaf if cpu_format else transformer.cpu_int8_leaf
             with jax.default_device(sharder.mesh.devices.flat[0]):
                 params = load_layers(directory, config, convert=leaf, progress=progress)
         else:
             params = load_sharded(directory, config, sharder, progress=progress)
-        return cls(config, params, tokenizer, sharder, cpu_format)
+        return cls(config, params, tokenizer, sharder, cpu_format, pod)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt (text needs a tokenizer), checked against the vocabulary."""
@@ -128,22 +143,48 @@ class Grok:
         # Causal: trailing padding changes nothing before it, and padded lengths repeat (no recompiles).
         tokens = np.full((1, min(_round_up(len(ids), CACHE_BLOCK), self.config.sequence_len)), self.config.pad_token)
         tokens[0, : len(ids)] = ids
-        logits = self._logits(self.params, self.sharder.put(tokens.astype(np.int32), "tokens"))
+        tokens = tokens.astype(np.int32)
+        logits = issue(self._send, {"op": "logits", "tokens": tokens}, lambda: self._run_logits(tokens))
         return np.asarray(logits[0, : len(ids)], np.float32)
+
+    def _run_logits(self, tokens: np.ndarray) -> jax.Array:
+        return self._logits(self.params, self.sharder.put(tokens, "tokens"))
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
         max_new_tokens: int = 64,
         sampling: SamplingParams = SamplingParams(),
-    ) -> Generation:
-        """Continue one prompt until EOS, `max_new_tokens`, or the context (sequence_len) is full.
+    ) -> Generation | list[Generation]:
+        """Continue a prompt (text or token ids) until EOS, `max_new_tokens`, or the context
+        (sequence_len) is full. Given a list of prompts, generate them together (up to
+        MAX_GENERATE_BATCH at once) and return their generations in order.
 
-        For many prompts at once, use `grok.serving.engine.Engine` (continuous batching).
+        For a stream of requests, use `grok.serving.engine.Engine` (continuous batching).
         """
-        if self._engine is None:
-            self._engine = Engine(self, max_batch=1)
-        return self._engine.submit(Request(prompt, max_new_tokens, sampling)).result()
+        several = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
+        prompts = list(prompt) if several else [prompt]
+        rows = min(len(prompts), MAX_GENERATE_BATCH)
+        if self._engine is None or self._engine.max_batch < rows:
+            self._engine = None  # its caches go first
+            self._engine = Engine(self, max_batch=rows)
+        results = self._engine.generate([Request(p, max_new_tokens, sampling) for p in prompts])
+        return results if several else results[0]
+
+    @property
+    def _send(self):
+        return self.pod.send if self.pod is not None and self.pod.leader else None
+
+    def follow(self) -> None:
+        """(A pod's follower) run the leader's device calls until the leader calls `close`."""
+        if self.pod is None or self.pod.leader:
+            raise RuntimeError("follow() is for a pod's followers: processes 1 and up of several")
+        self.pod.follow(Mirror(self, {"logits": lambda message: self._run_logits(message["tokens"])}))
+
+    def close(self) -> None:
+        """(A pod's leader) tell the followers to stop: their `follow` returns. Nothing on one process."""
+        if self.pod is not None and self.pod.leader:
+            self.pod.stop()
 
 
 def _round_up(n: int, multiple: int) -> int:

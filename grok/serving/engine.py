@@ -36,6 +36,7 @@ from grok.model import transformer
 from grok.model.config import GrokConfig
 from grok.parallel.sharding import Sharder
 from grok.serving.executor import Executor
+from grok.serving.pod import Pod
 from grok.serving.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache, block_hashes, bytes_per_block
 from grok.serving.programs import MAX_TOP_LOGPROBS, row_settings
 from grok.serving.sampling import SamplingParams
@@ -57,6 +58,7 @@ class Model(Protocol):
     params: Any  # the model tree, as `apply` takes it
     apply: Callable
     scan_layers: bool
+    pod: Pod | None  # on several processes: this one's part (only a leader runs an engine)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]: ...
 
@@ -258,7 +260,12 @@ class Engine:
         if capacity <= 0 or block >= self.cache_len:
             capacity = 0
         # Every device call goes through the executor: the engine holds host state only.
-        self.executor = Executor(grok, max_batch, self.cache_len, capacity, block)
+        # On a pod's leader it sends each call to the followers first (`grok.serving.pod`).
+        pod = grok.pod
+        send = pod.send if pod is not None and pod.leader else None
+        self.executor = Executor(grok, max_batch, self.cache_len, capacity, block, send)
+        if send is not None:
+            pod.watch(self.abort)
         self.prefix_cache = PrefixCache(capacity, block) if capacity else None
         self._settings = row_settings(max_batch)
 
@@ -344,8 +351,12 @@ class Engine:
                 if not self.step() and self._pending.empty():
                     self._wake.wait()  # idle until a submit (or stop)
         except Exception as err:  # a bug, or a device failure: end every request rather than hang them
-            logger.exception("the engine loop failed; ending every request with finish_reason 'error'")
-            self.error, self.running = err, False
+            if self.error is not None:  # aborted (a lost pod process), and the device call failed for it
+                logger.error("the engine loop stopped: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+            else:
+                logger.exception("the engine loop failed; ending every request with finish_reason 'error'")
+                self.error = err
+            self.running = False
             self._fail_all()
 
     def _fail_all(self) -> None:
@@ -353,13 +364,27 @@ class Engine:
             for i, slot in enumerate(self._slots):
                 if slot is not None:
                     self._finish(i, "error", keep_blocks=False)
-            while True:
-                try:
-                    stream = self._pending.get_nowait()
-                except queue.Empty:
-                    break
-                stream.done = True
-                stream._put(TokenEvent(-1, "", 0.0, (), "error"))
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                stream = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            stream.done = True
+            stream._put(TokenEvent(-1, "", 0.0, (), "error"))
+
+    def abort(self, reason: str) -> None:
+        """End every request with an error at once, without the engine's lock: its loop may be stuck
+        in a device call that never returns (a pod's process was lost). The engine stays stopped."""
+        logger.error("ending every request: %s", reason)
+        self.error, self.running = RuntimeError(reason), False
+        for slot in list(self._slots):
+            if slot is not None:
+                slot.stream.done = True
+                slot.stream._put(TokenEvent(-1, "", 0.0, (), "error"))
+        self._fail_pending()
 
     def step(self) -> bool:
         """One engine step: admit queued requests into free slots, advance prompts by a bounded

@@ -8,15 +8,22 @@ and row indices, lengths, per-row sampling settings), never a device array, so t
 process can run the same calls in the same order from a copy of their arguments. The engine keeps
 all scheduling state; on one process it calls an executor directly.
 
-Every call is numbered. With a `send` hook (a pod's leader), each call is first handed to it as a
-message (`grok.parallel.wire`: its number, its name and its arguments); `replay` runs such a
-message on another executor (a follower), and refuses one out of sequence, so a lost or reordered
-message is an error, never a silent divergence.
+Every call is numbered. With a `send` hook (a pod's leader, `grok.serving.pod`), each call is first
+handed to it as a message (`grok.parallel.wire`: its executor, number, name and arguments); `replay`
+runs such a message on another executor (a follower's), and refuses one out of sequence, so a lost
+or reordered message is an error, never a silent divergence. Such an executor also announces itself
+(`open`, with its sizes) and, once dropped, its end (`close`); a `Mirror` makes, runs and drops a
+follower's executors as these messages say. `issue` sends and runs each call as one step, whatever
+thread calls it, so every process runs the same programs in the same order.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import collections
+import itertools
+import threading
+import weakref
+from typing import Callable, Sequence, TypeVar
 
 import jax
 import numpy as np
@@ -27,8 +34,23 @@ from grok.parallel import wire
 from grok.serving.prefix_cache import Blocks, restore, save
 from grok.serving.programs import step_functions
 
-
 CALLS = ("prefill", "decode", "restore", "save")
+T = TypeVar("T")
+_ORDER = threading.Lock()  # held while a call is sent and dispatched
+_DROPPED: collections.deque[int] = collections.deque()  # executors the leader let go of, not yet told
+_IDS = itertools.count(1)
+
+
+def issue(send: Callable[[bytes], None] | None, message: dict, run: Callable[[], T]) -> T:
+    """`run()`, after sending `message` when there is a `send` hook: the two as one step among every
+    thread's calls, with the news of dropped executors first."""
+    if send is None:
+        return run()
+    with _ORDER:
+        while _DROPPED:
+            send(wire.encode({"op": "close", "executor": _DROPPED.popleft()}))
+        send(wire.encode(message))
+        return run()
 
 
 class ReplayError(RuntimeError):
@@ -46,6 +68,7 @@ class Executor:
     ):
         config, sharder = model.config, model.sharder
         self.send = send
+        self.id = next(_IDS)
         self.calls = 0  # calls run so far: the next one's number
         kv_heads = sharder.cache_heads(config)
         self.model = model
@@ -66,6 +89,10 @@ class Executor:
             self.blocks = Blocks(k=cache(store_blocks, block_size), v=cache(store_blocks, block_size),
                                  mask=sharder.put(np.zeros((store_blocks, block_size), bool), "tokens"))
         self._prefill_program, self._decode_program = step_functions(model.apply, sharder.replicated())
+        if send is not None:  # the followers make their own executor of these sizes
+            sizes = {"rows": rows, "cache_len": cache_len, "store_blocks": store_blocks, "block_size": block_size}
+            issue(send, {"op": "open", "executor": self.id, "sizes": sizes}, lambda: None)
+            weakref.finalize(self, _DROPPED.append, self.id)
 
     def prefill(self, slot: int, tokens: np.ndarray, length: int, reset: bool, settings: dict[str, np.ndarray]) -> tuple:
         """Run tokens [1, T] (the first `length` real) into `slot`'s cache row, emptied first when
@@ -87,19 +114,18 @@ class Executor:
         """Copy `slot`'s blocks `indices` (counted from its first position) into the store's `rows`."""
         self._issue("save", slot=int(slot), indices=[int(i) for i in indices], rows=[int(r) for r in rows])
 
-    def replay(self, message: bytes):
+    def replay(self, message: bytes | dict):
         """Run a call another executor sent (`send`), which must be the next in its sequence."""
-        call = wire.decode(message)
-        if call.get("call") not in CALLS or not isinstance(call.get("args"), dict):
+        call = wire.decode(message) if isinstance(message, bytes) else message
+        if call.get("op") != "call" or call.get("call") not in CALLS or not isinstance(call.get("args"), dict):
             raise ReplayError(f"not an executor call: {call.get('call')!r}")
         if call.get("seq") != self.calls:
             raise ReplayError(f"call {call.get('seq')} arrived where call {self.calls} was due")
         return self._run(call["call"], call["args"])
 
     def _issue(self, name: str, **args):
-        if self.send is not None:
-            self.send(wire.encode({"seq": self.calls, "call": name, "args": args}))
-        return self._run(name, args)
+        message = {"op": "call", "executor": self.id, "seq": self.calls, "call": name, "args": args}
+        return issue(self.send, message, lambda: self._run(name, args))
 
     def _run(self, name: str, args: dict):
         self.calls += 1
@@ -136,3 +162,26 @@ class Executor:
 
     def _replicated(self, x) -> jax.Array:
         return place(np.asarray(x), self.model.sharder.replicated())
+
+
+class Mirror:
+    """A follower's executors for `model`, made, run and dropped as the leader's messages say (pass
+    each to `__call__`); `programs` runs the other ops the leader issues, by name (e.g. "logits")."""
+
+    def __init__(self, model, programs: dict[str, Callable[[dict], object]] | None = None):
+        self.model = model
+        self.programs = programs or {}
+        self.executors: dict[int, Executor] = {}
+
+    def __call__(self, message: dict) -> None:
+        op, key = message.get("op"), message.get("executor")
+        if op == "open":
+            self.executors[key] = Executor(self.model, **message["sizes"])
+        elif op == "close":
+            self.executors.pop(key, None)
+        elif op == "call" and key in self.executors:
+            self.executors[key].replay(message)
+        elif op in self.programs:
+            self.programs[op](message)
+        else:
+            raise ReplayError(f"cannot replay op {op!r} (executor {key!r})")
