@@ -64,12 +64,10 @@ def fingerprint(config: GrokConfig, sharder: Sharder, checkpoint: Path | None) -
 class Pod:
     """This process's part in a pod: the leader's channel to its followers, or a follower's to it."""
 
-    def __init__(self, process: int, exit: Callable[[int], None] = os._exit):
+    def __init__(self, process: int):
         self.process = process
-        self.lost: str | None = None  # why the pod broke, once it did
         self.messages = 0  # sent (leader) or received (follower) so far, heartbeats aside
         self._on_lost: list[weakref.WeakMethod] = []
-        self._exit = exit
         self._leader: channel.Leader | None = None
         self._follower: channel.Follower | None = None
 
@@ -104,7 +102,6 @@ class Pod:
             self._leader.close()
 
     def _lose(self, reason: str) -> None:
-        self.lost = reason
         if self.leader:
             log.error("%s; ending every request and exiting", reason)
             for ref in self._on_lost:
@@ -119,9 +116,11 @@ class Pod:
             log.error("process %d: %s; exiting", self.process, reason)
             self._exit_now()
 
-    def _exit_now(self) -> None:
+    @staticmethod
+    def _exit_now() -> None:
+        """Exit at once: a clean exit would wait on the lost process (jax.distributed's shutdown)."""
         logging.shutdown()
-        self._exit(1)
+        os._exit(1)
 
 
 def join(fingerprint: dict[str, str], heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> Pod | None:
@@ -134,7 +133,10 @@ def join(fingerprint: dict[str, str], heartbeat_timeout_s: float = HEARTBEAT_TIM
     pod = Pod(jax.process_index())
     wait_ms = int(JOIN_WAIT_S * 1000)
     if pod.leader:
-        port = int(os.environ.get(ENV_CHANNEL_PORT, "0") or 0)
+        text = os.environ.get(ENV_CHANNEL_PORT, "").strip() or "0"
+        if not text.isdigit() or int(text) > 65535:
+            raise ValueError(f"{ENV_CHANNEL_PORT}={text!r} is not a port number")
+        port = int(text)
         with socket.create_server(("", port)) as listener:
             global_state.client.key_value_set(CHANNEL_KEY, str(listener.getsockname()[1]))
             log.info("waiting for %d followers on port %d", jax.process_count() - 1, listener.getsockname()[1])
