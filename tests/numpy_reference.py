@@ -3,6 +3,13 @@
 Written from /work/shared/GROK1.md only. Everything is computed in float32 NumPy and every bf16
 rounding the spec lists is applied explicitly with `bf16`. Arrays returned hold bf16-exact
 values stored as float32.
+
+Grok-2's differences, written from its release's config.json and SGLang's model code (each a config
+field; zero or absent keeps Grok-1's math): RoPE at `rope_base`; past `attn_temperature_len` a
+query at position p multiplies its capped attention logits by log2(p) / log2(len); the router's
+logits soft-capped at `router_softcap` before the softmax; a dense gated-GELU MLP of width
+`residual_ffn_size` beside the MoE, the two added and divided by sqrt(2); an untied output table;
+the final logits soft-capped at `output_softcap` after the output multiplier.
 """
 
 from __future__ import annotations
@@ -110,6 +117,12 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return (e / np.sum(e, axis=axis, keepdims=True)).astype(np.float32)
 
 
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """cap * tanh(x / cap) in float32; cap 0 leaves x as it is."""
+    x = np.asarray(x, np.float32)
+    return np.float32(cap) * np.tanh(x / np.float32(cap)) if cap else x
+
+
 def attention(
     x: np.ndarray, layer: dict[str, dict[str, Any]], config: GrokConfig, tokens: np.ndarray
 ) -> np.ndarray:
@@ -124,12 +137,19 @@ def attention(
     k = bf16_matmul(x, weight_value(layer["key"]["w"])).reshape(B, T, K, d)
     v = bf16_matmul(x, weight_value(layer["value"]["w"])).reshape(B, T, K, d)
     positions = np.arange(T)
-    q = rope(q, positions).reshape(B, T, K, G, d)  # query head h -> kv head h // G
-    k = rope(k, positions)
+    base = getattr(config, "rope_base", ROPE_BASE)
+    q = rope(q, positions, base).reshape(B, T, K, G, d)  # query head h -> kv head h // G
+    k = rope(k, positions, base)
 
     logits = bf16(np.einsum("btkgd,bskd->bkgts", q, k))  # bf16 einsum
     logits = logits * np.float32(config.attn_output_multiplier)
     logits = np.float32(SOFTCAP) * np.tanh(logits / np.float32(SOFTCAP))
+    length = getattr(config, "attn_temperature_len", 0)
+    if length:  # Grok-2: sharper attention past the training length, per query position
+        scale = np.ones(T, np.float32)
+        far = positions > length
+        scale[far] = np.log2(positions[far].astype(np.float32)) / np.float32(np.log2(length))
+        logits = logits * scale[None, None, None, :, None]
 
     causal = np.tril(np.ones((T, T), dtype=bool))  # [t, s]: s <= t
     key_ok = np.asarray(tokens) > config.pad_token  # [B, S]
@@ -153,7 +173,7 @@ def moe(x: np.ndarray, router_w: np.ndarray, experts: dict[str, Any], config: Gr
     router = np.asarray(router_w, dtype=np.float32)
     if router.shape[-1] != E:
         raise ValueError(f"router has {router.shape[-1]} experts, config says {E}")
-    probs = softmax(xs @ router, axis=-1)  # [N, E], f32 over all experts
+    probs = softmax(softcap(xs @ router, getattr(config, "router_softcap", 0.0)), axis=-1)  # [N, E], f32
     # Top-k by probability; stable sort so ties go to the lower expert index.
     top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]  # [N, k]
     gates = np.take_along_axis(probs, top, axis=-1)  # [N, k]
@@ -203,11 +223,21 @@ def reference_forward(
         h = bf16(h + rms_norm(attn, norm("rms_norm_1")))
 
         experts = {name: params[f"{prefix}/moe/{name}"]["w"] for name in ("linear", "linear_v", "linear_1")}
-        ffn = moe(rms_norm(h, norm("rms_norm_2")), params[f"{prefix}/router"]["w"], experts, config)
+        x = rms_norm(h, norm("rms_norm_2"))
+        ffn = moe(x, params[f"{prefix}/router"]["w"], experts, config)
+        if getattr(config, "residual_ffn_size", 0):  # Grok-2's dense MLP beside the experts
+            mlp = {name: weight_value(params[f"{prefix}/dense_mlp/{name}"]["w"]) for name in ("linear", "linear_v", "linear_1")}
+            gated = gelu_tanh(bf16_matmul(x, mlp["linear"])) * bf16_matmul(x, mlp["linear_v"])
+            dense = bf16_matmul(bf16(gated), mlp["linear_1"])
+            ffn = bf16((dense + ffn) * np.float32(1 / math.sqrt(2)))
         h = bf16(h + rms_norm(ffn, norm("rms_norm_3")))
         hidden.append(h)
 
     h = rms_norm(h, params["language_model/rms_norm"]["scale"])
-    logits = bf16_matmul(h, emb_bf16.T)
+    table = emb_bf16
+    if not getattr(config, "tie_embeddings", True):
+        table = bf16(np.asarray(params["language_model/in_out_embed"]["unembeddings"], np.float32))
+    logits = bf16_matmul(h, table.T)
     logits = bf16(logits * bf16_scalar(config.output_multiplier_scale))
+    logits = bf16(softcap(logits, getattr(config, "output_softcap", 0.0)))
     return logits.astype(np.float32), hidden

@@ -96,8 +96,8 @@ def test_config_file_that_is_not_utf8_is_named(tmp_path):
 
 
 def test_unknown_preset_and_missing_file():
-    with pytest.raises(ValueError, match="unknown config 'grok-2'"):
-        load_config("grok-2")
+    with pytest.raises(ValueError, match="unknown config 'grok-3'"):
+        load_config("grok-3")
     with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
         load_config("nope.json")
 

@@ -41,7 +41,8 @@ def run_reference(params, config, tokens, monkeypatch):
     moe = numpy_reference.moe
 
     def recording_moe(x, router_w, experts, cfg):
-        probs = numpy_reference.softmax(np.asarray(x, np.float32) @ router_w, axis=-1)
+        logits = numpy_reference.softcap(np.asarray(x, np.float32) @ router_w, getattr(cfg, "router_softcap", 0.0))
+        probs = numpy_reference.softmax(logits, axis=-1)
         ranked = -np.sort(-probs, axis=-1)
         k = cfg.num_selected_experts
         margins.append(ranked[..., k - 1] - ranked[..., k] if k < cfg.num_experts else np.ones(x.shape[:-1]))

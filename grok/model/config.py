@@ -16,7 +16,10 @@ def ffn_size(emb_size: int, widening_factor: float) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class GrokConfig:
-    """Hyper-parameters of a Grok-1-shaped model; field names follow the reference release."""
+    """Hyper-parameters of a Grok-shaped model; field names follow the reference release.
+
+    The fields after `sequence_len` are Grok-2's additions; their defaults are Grok-1's behaviour.
+    """
 
     emb_size: int
     key_size: int
@@ -33,6 +36,12 @@ class GrokConfig:
     pad_token: int
     eos_token: int
     sequence_len: int
+    rope_base: float = 10000.0  # rotary embedding's base (Grok-2: its `rope_theta`)
+    attn_temperature_len: int = 0  # past this query position p, attention logits x log2(p)/log2(len); 0: off
+    router_softcap: float = 0.0  # router logits -> cap * tanh(logits / cap) before the softmax; 0: off
+    output_softcap: float = 0.0  # final logits -> cap * tanh(logits / cap), after output_multiplier_scale; 0: off
+    residual_ffn_size: int = 0  # a dense gated-GELU MLP this wide beside the MoE (Grok-2's residual_moe); 0: none
+    tie_embeddings: bool = True  # the output projection reads the input embedding table (else its own)
 
     def __post_init__(self) -> None:
         """Each field on its own (integer or finite number, positive), then how they fit together."""
@@ -82,11 +91,14 @@ class GrokConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
 
-_TOKEN_IDS = ("pad_token", "eos_token")  # may be 0; every other field must be positive
+_MAY_BE_ZERO = ("pad_token", "eos_token", "attn_temperature_len", "router_softcap", "output_softcap",
+                "residual_ffn_size")  # every other number must be positive
 
 
 def _field_problem(name: str, kind: str | type, value: object) -> str | None:
     """What is wrong with one field's value on its own (its type, finiteness and sign), if anything."""
+    if kind in ("bool", bool):
+        return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
     if kind in ("int", int):
         if isinstance(value, bool) or not isinstance(value, int):
             return f"{name} must be an integer, got {value!r}"
@@ -94,7 +106,7 @@ def _field_problem(name: str, kind: str | type, value: object) -> str | None:
         return f"{name} must be a number, got {value!r}"
     elif not math.isfinite(value):
         return f"{name} must be finite, got {value!r}"
-    if name in _TOKEN_IDS:
+    if name in _MAY_BE_ZERO:
         return f"{name} must be >= 0, got {value!r}" if value < 0 else None
     return f"{name} must be > 0, got {value!r}" if value <= 0 else None
 
@@ -143,6 +155,33 @@ PRESETS: dict[str, GrokConfig] = {
     ),
     # What `python run.py` runs with random weights when no checkpoint is present (~10 MB of int8; byte-level vocabulary).
     "demo": _small(emb_size=256, key_size=32, num_q_heads=8, num_kv_heads=2, num_layers=4, vocab_size=328),
+    # xAI's Grok-2 (hub repo xai-org/grok-2, config.json): 64 layers of width 8192, 64 query / 8 kv heads
+    # of 128, 8 experts (top 2) of width 16384 (= ffn_size(8192, 3)) beside a dense MLP of 32768, a
+    # 131,072-token context (trained at 8192), its own output table. Its `rope_type` "original" is
+    # plain RoPE at rope_theta: the scaling fields only size the context (SGLang's reading).
+    "grok-2": GrokConfig(
+        emb_size=8192,
+        key_size=128,
+        num_q_heads=64,
+        num_kv_heads=8,
+        num_layers=64,
+        vocab_size=128 * 1024,
+        widening_factor=3,
+        attn_output_multiplier=1 / math.sqrt(128),
+        num_experts=8,
+        num_selected_experts=2,
+        embedding_multiplier_scale=90.50966799187809,
+        output_multiplier_scale=0.5,
+        pad_token=0,
+        eos_token=2,
+        sequence_len=128 * 1024,
+        rope_base=208533496.0,
+        attn_temperature_len=1024,
+        router_softcap=30.0,
+        output_softcap=50.0,
+        residual_ffn_size=32768,
+        tie_embeddings=False,
+    ),
     # Tiny model for unit tests: 4 experts so nothing assumes 8.
     "tiny": _small(
         emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2, num_layers=2, vocab_size=256,
@@ -181,10 +220,12 @@ def load_config(spec: str | Path | GrokConfig) -> GrokConfig:
 
 
 def config_from_dict(fields: dict, source: str = "config") -> GrokConfig:
-    """Build a config from a dict with exactly the dataclass's field names."""
+    """Build a config from a dict of the dataclass's field names: every field without a default
+    (Grok-1's), any of those with one."""
     known = {f.name for f in dataclasses.fields(GrokConfig)}
+    required = {f.name for f in dataclasses.fields(GrokConfig) if f.default is dataclasses.MISSING}
     unknown = sorted(set(fields) - known)
-    missing = sorted(known - set(fields))
+    missing = sorted(required - set(fields))
     if unknown:
         raise ValueError(f"{source}: unknown config field(s): {', '.join(unknown)}")
     if missing:

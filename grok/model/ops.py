@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from grok import native
@@ -51,10 +52,12 @@ def rotate_half(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: Float[Array, "b t h d"], positions: Int[Array, "b t"]) -> Float[Array, "b t h d"]:
-    """Rotary embedding (rotate-half, base 10000) at absolute positions, computed in float32."""
+def apply_rope(
+    x: Float[Array, "b t h d"], positions: Int[Array, "b t"], base: float = ROPE_BASE
+) -> Float[Array, "b t h d"]:
+    """Rotary embedding (rotate-half, Grok-1's base 10000 by default) at absolute positions, in float32."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    inv_freq = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
     phase = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
     phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]  # [b, t, 1, d]
     x32 = x.astype(jnp.float32)
@@ -68,8 +71,10 @@ def attention(
     mask: Bool[Array, "b t s"],
     multiplier: float,
     native_kernels: bool = True,
+    temperature: Float[Array, "b t"] | None = None,
 ) -> Float[Array, "b t h d"]:
     """Grouped-query attention with Grok's soft-capped logits; query head h reads kv head h // G.
+    `temperature`: each query's factor on its capped logits (Grok-2's, `length_temperature`).
 
     Both products are matmuls in q's dtype (for bf16: bf16 results of f32 sums). A float32 cache
     under bf16 queries (the CPU format: it holds bf16 values) runs them as f32 matmuls rounded to
@@ -85,6 +90,8 @@ def attention(
     logits = _product_as(q.dtype, q, k, functools.partial(batched_matmul_t, native_kernels=native_kernels))
     logits = logits.reshape(b, kv, t, g, s) * multiplier
     logits = ATTN_SOFTCAP * jnp.tanh(logits / ATTN_SOFTCAP)
+    if temperature is not None:
+        logits = logits * temperature[:, None, :, None, None]
     logits = jnp.where(mask[:, None, :, None, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).reshape(b, kv, t * g, s)
     weigh_values = functools.partial(jax.lax.dot_general, dimension_numbers=(((3,), (2,)), ((0, 1), (0, 1))))
@@ -129,11 +136,24 @@ def attention_mask(
     return causal & key_valid[:, None, :]
 
 
+def length_temperature(positions: Int[Array, "b t"], length: int) -> Float[Array, "b t"]:
+    """Grok-2's attention temperature: log2(p) / log2(length) for a query at position p > length, else 1."""
+    p = jnp.maximum(positions, 1).astype(jnp.float32)
+    return jnp.where(positions > length, jnp.log2(p) / np.float32(np.log2(length)), 1.0)
+
+
+def softcap(x: Float[Array, "..."], cap: float) -> Float[Array, "..."]:
+    """cap * tanh(x / cap) in float32 (cap 0: x unchanged)."""
+    x = x.astype(jnp.float32)
+    return cap * jnp.tanh(x / cap) if cap else x
+
+
 def route(
-    x: Float[Array, "... d"], router_w: Float[Array, "d e"], num_selected: int
+    x: Float[Array, "... d"], router_w: Float[Array, "d e"], num_selected: int, cap: float = 0.0
 ) -> tuple[Float[Array, "... k"], Int[Array, "... k"]]:
-    """Router: softmax over all experts in f32; the top-k raw probabilities are the gates (not renormalized)."""
-    probs = jax.nn.softmax(x.astype(jnp.float32) @ router_w.astype(jnp.float32), axis=-1)
+    """Router: softmax over all experts in f32 of the logits (soft-capped at `cap`, Grok-2's); the
+    top-k raw probabilities are the gates (not renormalized)."""
+    probs = jax.nn.softmax(softcap(x.astype(jnp.float32) @ router_w.astype(jnp.float32), cap), axis=-1)
     return jax.lax.top_k(probs, num_selected)
 
 

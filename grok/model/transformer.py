@@ -20,6 +20,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from grok.model import ops
@@ -227,14 +228,16 @@ class MultiHeadAttention(hk.Module):
             return self.constrain(jnp.repeat(out, repeat, axis=2), "heads")
 
         repeat = cache_heads // c.num_kv_heads
-        q = ops.apply_rope(project("query", c.num_q_heads), positions)
-        k = ops.apply_rope(project("key", c.num_kv_heads, repeat), positions)
+        q = ops.apply_rope(project("query", c.num_q_heads), positions, c.rope_base)
+        k = ops.apply_rope(project("key", c.num_kv_heads, repeat), positions, c.rope_base)
         v = project("value", c.num_kv_heads, repeat)
         memory = memory._replace(
             k=_write_layer(memory.k, k, layer, memory.step), v=_write_layer(memory.v, v, layer, memory.step)
         )
         k_layer, v_layer = (self.constrain(_values(cache[layer]), "kv_cache") for cache in (memory.k, memory.v))
-        attended = ops.attention(q, k_layer, v_layer, mask, c.attn_output_multiplier, native_kernels=not sharded(self.constrain))
+        temperature = ops.length_temperature(positions, c.attn_temperature_len) if c.attn_temperature_len else None
+        attended = ops.attention(q, k_layer, v_layer, mask, c.attn_output_multiplier,
+                                 native_kernels=not sharded(self.constrain), temperature=temperature)
         out = self.constrain(attended, "heads")
         out = Linear(c.emb_size, name="linear")(out.reshape(b, t, c.num_q_heads * c.key_size))
         return out, memory
@@ -305,11 +308,27 @@ class Router(hk.Module):
     def __call__(self, x: Float[Array, "n d"]) -> tuple[Float[Array, "n k"], Int[Array, "n k"]]:
         c = self.config
         w = hk.get_parameter("w", (c.emb_size, c.num_experts), jnp.float32, init=hk.initializers.VarianceScaling())
-        return ops.route(x, w, c.num_selected_experts)
+        return ops.route(x, w, c.num_selected_experts, c.router_softcap)
+
+
+class DenseMLP(hk.Module):
+    """Grok-2's dense gated-GELU MLP beside the MoE (`residual_ffn_size`): bf16 matmuls, the GELU and
+    gating in float32 on their bf16 inputs, the gated activations rounded to bf16 for the last matmul."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(name="dense_mlp")
+        self.config = config
+
+    def __call__(self, x: Float[Array, "n d"]) -> Float[Array, "n d"]:
+        f = self.config.residual_ffn_size
+        hidden = jax.nn.gelu(Linear(f, name="linear")(x).astype(jnp.float32), approximate=True)
+        gated = hidden * Linear(f, name="linear_v")(x).astype(jnp.float32)
+        return Linear(self.config.emb_size, name="linear_1")(gated.astype(x.dtype))
 
 
 class DecoderLayer(hk.Module):
-    """h + norm(attention(norm(h))), then h + norm(moe(norm(h)))."""
+    """h + norm(attention(norm(h))), then h + norm(moe(norm(h))); with a dense MLP (Grok-2), the
+    second is h + norm((mlp(x) + moe(x)) / sqrt(2)) for x = norm(h)."""
 
     def __init__(self, config: GrokConfig, constrain: Constrain, moe_impl: str = "auto", name: str = "decoder_layer"):
         super().__init__(name=name)
@@ -323,35 +342,42 @@ class DecoderLayer(hk.Module):
         attn, memory = MultiHeadAttention(c, self.constrain)(RMSNorm(name="rms_norm")(h), positions, mask, memory, layer)
         h = self.constrain(h + RMSNorm(name="rms_norm_1")(attn), "residual")
         x = RMSNorm(name="rms_norm_2")(h).reshape(-1, c.emb_size)
-        moe = MoELayer(c, self.moe_impl, self.experts_split)(x, *Router(c)(x)).reshape(h.shape)
-        h = self.constrain(h + RMSNorm(name="rms_norm_3")(moe), "residual")
+        moe = MoELayer(c, self.moe_impl, self.experts_split)(x, *Router(c)(x))
+        if c.residual_ffn_size:
+            both = DenseMLP(c)(x).astype(jnp.float32) + moe.astype(jnp.float32)
+            moe = (both * np.float32(1 / math.sqrt(2))).astype(moe.dtype)
+        h = self.constrain(h + RMSNorm(name="rms_norm_3")(moe.reshape(h.shape)), "residual")
         return h, memory
 
 
 class InOutEmbed(hk.Module):
-    """The tied embedding: token ids -> vectors on the way in, vectors -> logits on the way out."""
+    """The embedding: token ids -> vectors on the way in, vectors -> logits on the way out, through
+    the same table (Grok-1) or, untied (Grok-2), a second one, `unembeddings`."""
 
     def __init__(self, config: GrokConfig):
         super().__init__(name="in_out_embed")
         self.config = config
 
-    def _embeddings(self) -> Float[Array, "v d"]:
+    def _embeddings(self, name: str = "embeddings") -> Float[Array, "v d"]:
         shape = (self.config.vocab_size, self.config.emb_size)
-        return hk.get_parameter("embeddings", shape, jnp.float32, init=hk.initializers.TruncatedNormal(1.0))
+        return hk.get_parameter(name, shape, jnp.float32, init=hk.initializers.TruncatedNormal(1.0))
 
     def embed(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
         x = _table(self._embeddings())[tokens].astype(DTYPE)
         return x * self.config.embedding_multiplier_scale  # a weakly typed constant: stays bf16
 
     def decode(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
-        table = self._embeddings()
+        table = self._embeddings("embeddings" if self.config.tie_embeddings else "unembeddings")
         if isinstance(table, F32Table):  # bf16 values already: an f32 matmul, rounded to bf16
             logits = ops.bf16_matmul_t(h, table.value)
         elif isinstance(table, BF16Table):
             logits = ops.bf16_table_product(h, table.value)
         else:
             logits = h @ table.T.astype(h.dtype)
-        return logits * self.config.output_multiplier_scale
+        logits = logits * self.config.output_multiplier_scale
+        if self.config.output_softcap:
+            logits = ops.softcap(logits, self.config.output_softcap).astype(logits.dtype)
+        return logits
 
 
 def _table(embeddings: Array | F32Table | BF16Table) -> Array:
@@ -468,12 +494,12 @@ def held_params(params: dict) -> dict:
     ShapeDtypeStructs (with shardings to match)."""
     if on_cpu():
         return params
-    table = params[_EMBEDDINGS]["embeddings"]
-    if isinstance(table, jax.ShapeDtypeStruct):
-        held = jax.ShapeDtypeStruct(table.shape, DTYPE, sharding=table.sharding)
-    else:
-        held = table.astype(DTYPE)
-    params = {**params, _EMBEDDINGS: {**params[_EMBEDDINGS], "embeddings": held}}
+    def held(table):
+        if isinstance(table, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(table.shape, DTYPE, sharding=table.sharding)
+        return table.astype(DTYPE)
+
+    params = {**params, _EMBEDDINGS: {name: held(table) for name, table in params[_EMBEDDINGS].items()}}
     if platform() != "gpu":
         return params
     return jax.tree.map(lambda w: _rows_weight(w) if isinstance(w, QuantizedWeight8bit) else w, params,

@@ -35,6 +35,9 @@ SCALE_BLOCKS = {
     "moe/linear": 1,
     "moe/linear_v": 1,
     "moe/linear_1": 8,
+    "dense_mlp/linear": 1,  # Grok-2's (released in bf16): as the experts' when quantized
+    "dense_mlp/linear_v": 1,
+    "dense_mlp/linear_1": 8,
 }
 
 _STACKED = "transformer/decoder_layer/"
@@ -163,7 +166,7 @@ def random_params(config: GrokConfig, seed: int = 0, scale_blocks: Mapping[str, 
             return QuantizedWeight8bit(weight=weight, scales=scales.astype(ml_dtypes.bfloat16))
         if name == "scale":
             return (1.0 + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
-        if name == "embeddings":
+        if name in ("embeddings", "unembeddings"):
             return rng.standard_normal(leaf.shape).astype(np.float32)
         return (rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0])).astype(np.float32)
 
