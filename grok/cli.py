@@ -272,6 +272,11 @@ def _model_flags() -> argparse.ArgumentParser:
         "embedding table in bf16); cpu: dequantized once to float32 (4x the memory, slower; one device only; "
         "kept for comparison); auto (default): int8. Same numbers either way",
     )
+    flags.add_argument(
+        "--quantize", choices=("int8",),
+        help="int8: hold a float checkpoint's matrices (Grok-2's bf16 release) as int8 with a bf16 scale per "
+        "output column, about half the memory (default: as stored; Grok-1's checkpoints are 8-bit already)",
+    )
     shard = flags.add_argument_group(
         "sharding",
         "A checkpoint is sharded over a mesh of every device of every process, by default the layout "
@@ -456,12 +461,13 @@ def _load_model(args: argparse.Namespace, prompt_ids_given: bool = False) -> Gro
                 )
             directory = write_demo_checkpoint(Path(tmp) / "ckpt-0")
             return Grok.from_checkpoint(directory, DEMO_CONFIG, ByteTokenizer(), sharder, lead, cpu_format,
-                                        args.heartbeat_timeout)
+                                        args.heartbeat_timeout, args.quantize == "int8")
     tokenizer = args.tokenizer
     if tokenizer is None and not prompt_ids_given:
         tokenizer = DEFAULT_TOKENIZER
     log.info("loading %s with config %s", checkpoint, args.config)
-    return Grok.from_checkpoint(checkpoint, args.config, tokenizer, sharder, lead, cpu_format, args.heartbeat_timeout)
+    return Grok.from_checkpoint(checkpoint, args.config, tokenizer, sharder, lead, cpu_format, args.heartbeat_timeout,
+                                args.quantize == "int8")
 
 
 def _follow(model: Grok) -> int:

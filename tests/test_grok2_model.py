@@ -9,10 +9,10 @@ passes by doing nothing."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 from test_model_vs_reference import TOLERANCE, assert_matches_reference, prompt_set, relative_error
 
-import numpy_reference
 from grok import PRESETS, Grok
 from grok.model import transformer, weights
 from grok.parallel.sharding import Sharder, load_rules, mesh_of

@@ -35,7 +35,8 @@ LEGACY_CHECKPOINT_SUBDIR = "ckpt"  # what older revisions of the Hub repository 
 SAFETENSORS_SUBDIR = "safetensors"  # where `run.py convert` puts the converted checkpoint by default
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 CHECKPOINT_SUBDIRS = (SAFETENSORS_SUBDIR, CHECKPOINT_SUBDIR, LEGACY_CHECKPOINT_SUBDIR)  # in order of preference
-Format = Literal["pickle", "safetensors"]
+Format = Literal["pickle", "safetensors", "grok2-release"]
+_RELEASE_COMMON = re.compile(r".*-TP-common\.safetensors$")  # Grok-2's release (`grok.checkpoint.grok2_release`)
 _TENSOR_FILE = re.compile(r"tensor\d{5}_\d{3}")
 
 
@@ -99,13 +100,16 @@ def find_checkpoint_dir(directory: PathLike) -> Path | None:
 
 def checkpoint_format(directory: PathLike) -> Format:
     """Which format a checkpoint directory (as resolved) holds: "safetensors" when it has the index
-    file that a finished conversion writes last, else "pickle" (the release format).
+    file that a finished conversion writes last, "grok2-release" for Grok-2's release files, else
+    "pickle" (Grok-1's release format).
 
     A directory with safetensors files but no index is an unfinished conversion: an error.
     """
     directory = Path(directory)
     if (directory / SAFETENSORS_INDEX).is_file():
         return "safetensors"
+    if _holds_release(directory):
+        return "grok2-release"
     if not tensor_files(directory) and any(name.endswith(".safetensors") for name in os.listdir(directory)):
         raise CheckpointError(
             f"{directory} holds .safetensors files but no {SAFETENSORS_INDEX}: the conversion did not finish; "
@@ -115,7 +119,11 @@ def checkpoint_format(directory: PathLike) -> Format:
 
 
 def _holds_checkpoint(directory: Path) -> bool:
-    return (directory / SAFETENSORS_INDEX).is_file() or bool(tensor_files(directory))
+    return (directory / SAFETENSORS_INDEX).is_file() or bool(tensor_files(directory)) or _holds_release(directory)
+
+
+def _holds_release(directory: Path) -> bool:
+    return any(_RELEASE_COMMON.match(name) for name in os.listdir(directory))
 
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[BinaryIO]:

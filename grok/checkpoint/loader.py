@@ -40,6 +40,7 @@ from grok.checkpoint.files import (
     tensor_file_name,
 )
 from grok.checkpoint.read import iter_checkpoint
+from grok.checkpoint.safetensors_format import StoredArray
 from grok.model import weights
 from grok.model.config import GrokConfig
 from grok.parallel.sharding import Sharder
@@ -59,21 +60,26 @@ def place_params(params: weights.Params, shardings: weights.Params) -> weights.P
     return jax.tree.map(lambda x, s: place(np.asarray(x), s), params, shardings)
 
 
-def load_sharded(directory: str | Path, config: GrokConfig, sharder: Sharder, progress: bool = True) -> weights.Params:
-    """Read a checkpoint (either format) into the model tree, every weight placed by the sharder's rules.
+def load_sharded(
+    directory: str | Path, config: GrokConfig, sharder: Sharder, progress: bool = True, quantize: bool = False
+) -> weights.Params:
+    """Read a checkpoint (any format) into the model tree, every weight placed by the sharder's rules.
 
     8-bit weights keep the scale blocks the files have; their scales are laid out for that count.
+    Float weights keep their dtype (Grok-2's bf16), unless `quantize` makes int8 of them
+    (`grok.checkpoint.read.iter_checkpoint`).
     """
     shapes = weights.model_shapes(config)
     shardings = sharder.param_shardings(shapes)  # every rule checked before anything is read
     params: weights.Params = {path: {} for path in shapes}
-    for name, weight in iter_checkpoint(directory, config, progress=progress, lazy=True):
+    for name, weight in iter_checkpoint(directory, config, progress=progress, lazy=True, quantize=quantize):
         path, leaf = name.rsplit("/", 1)
         stacked, layer = weights.model_path(path)
-        shape = weights.with_scale_blocks_of(shapes[stacked][leaf], weight)
+        shape = weights.as_stored(shapes[stacked][leaf], weight)
         if shape != shapes[stacked][leaf]:
-            # Scales in other row blocks than the release's, the same in every layer (`iter_checkpoint`
-            # checks): learnt from the parameter's first file, before its stacked array is made.
+            # Scales in other row blocks than the release's (the same in every layer: `iter_checkpoint`
+            # checks), or a float weight where Grok-1 has an 8-bit one: learnt from the parameter's
+            # first file, before its stacked array is made.
             shapes[stacked][leaf] = shape
             shardings = sharder.param_shardings(shapes)
         target = shardings[stacked][leaf]
@@ -97,10 +103,12 @@ def _place_from_file(host, sharding: NamedSharding) -> jax.Array:
     is faster than gathering every slice separately. Slices of a whole array in memory are copied
     out of it: CPU devices may alias a host buffer instead of copying it, and a device buffer
     aliasing a slice (a view) would keep the whole array alive, so the host would hold every file
-    it read.
+    it read. A weight composed of several files' tensors (Grok-2's release) is always read slice by
+    slice, so that no process holds a whole expert stack.
     """
-    if not isinstance(host, np.ndarray) and not sharding.is_fully_addressable:
-        return place(host, sharding)  # reads only the slices of this process's devices
+    composed = not isinstance(host, (np.ndarray, StoredArray))  # Grok-2's release: pieces of several files
+    if composed or (not isinstance(host, np.ndarray) and not sharding.is_fully_addressable):
+        return place(host, sharding)  # reads only the slices of this process's devices, one at a time
     whole = np.asarray(host)
     return jax.make_array_from_callback(whole.shape, sharding, lambda index: np.array(whole[index]))
 
@@ -132,7 +140,8 @@ Convert = Callable[[str, str, Weight], object]
 
 
 def load_layers(
-    directory: str | Path, config: GrokConfig, convert: Convert | None = None, progress: bool = True
+    directory: str | Path, config: GrokConfig, convert: Convert | None = None, progress: bool = True,
+    quantize: bool = False,
 ) -> weights.Params:
     """Read a checkpoint (either format) into the checkpoint tree (`transformer/decoder_layer_{i}/...`,
     what `weights.unstack_layers` makes of the model tree), every weight on the default device.
@@ -168,7 +177,7 @@ def load_layers(
     scales in the same number of row blocks (as for the stacked model tree; `LayerScaleBlocks`).
     """
     params: weights.Params = {}
-    for name, read in _weight_readers(directory, config, progress):
+    for name, read in _weight_readers(directory, config, progress, quantize):
         path, leaf = name.rsplit("/", 1)
         host = read()
         if convert is not None:
@@ -180,7 +189,7 @@ def load_layers(
 
 
 def _weight_readers(
-    directory: str | Path, config: GrokConfig, progress: bool
+    directory: str | Path, config: GrokConfig, progress: bool, quantize: bool = False
 ) -> Iterator[tuple[str, Callable[[], Weight]]]:
     """(parameter path, read) for each weight in release file order, as `iter_checkpoint`
     yields them (same checks, same progress bar), except that `read()` gives the weight (NumPy
@@ -193,8 +202,8 @@ def _weight_readers(
     `LayerScaleBlocks`).
     """
     directory = resolve_checkpoint_dir(directory)
-    if checkpoint_format(directory) == "safetensors":
-        for name, stored in iter_checkpoint(directory, config, progress=progress, lazy=True):
+    if checkpoint_format(directory) != "pickle":  # lazy: read by `read`
+        for name, stored in iter_checkpoint(directory, config, progress=progress, lazy=True, quantize=quantize):
             yield name, functools.partial(jax.tree.map, np.asarray, stored)
         return
     names, expected, _ = expected_weights(config)

@@ -8,14 +8,14 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from grok.checkpoint import pickles, safetensors_format
+from grok.checkpoint import grok2_release, pickles, safetensors_format
 from grok.checkpoint.files import PathLike, Weight, checkpoint_format, expected_weights, resolve_checkpoint_dir
 from grok.model.config import GrokConfig
 from grok.model.weights import Params
 
 
 def iter_checkpoint(
-    directory: PathLike, config: GrokConfig, *, progress: bool = True, lazy: bool = False
+    directory: PathLike, config: GrokConfig, *, progress: bool = True, lazy: bool = False, quantize: bool = False
 ) -> Iterator[tuple[str, Weight]]:
     """Yield (parameter path, weight) in release file order, each checked against what `config` expects.
 
@@ -28,10 +28,17 @@ def iter_checkpoint(
     indexed with (`stored[index]`), so a caller that needs only some shards reads only those;
     a pickle has to be read whole, so its arrays are NumPy arrays either way. Both have `shape`,
     `dtype` and `[index]`; a lazy weight stays readable after the iteration moves on.
+
+    Grok-2's release (`grok.checkpoint.grok2_release`) is read lazily too: bf16 as released, or with
+    `quantize` its matrices as int8 with per-column scales (Grok-1's checkpoints are 8-bit already).
     """
     directory = resolve_checkpoint_dir(directory)
     names, expected, _ = expected_weights(config)
-    if checkpoint_format(directory) == "safetensors":
+    form = checkpoint_format(directory)
+    if form == "grok2-release":
+        weights = grok2_release.iter_weights(directory, names, grok2_release.expected_release(expected, quantize),
+                                             quantize)
+    elif form == "safetensors":
         weights = safetensors_format.iter_weights(directory, names, expected)
     else:
         weights = pickles.iter_pickles(directory, names, expected)

@@ -70,15 +70,18 @@ def quantized_shape(shape: tuple[int, ...], blocks: int) -> QuantizedWeight8bit:
     )
 
 
-def with_scale_blocks_of(want, weight):
-    """Abstract weight `want` with its scales in as many row blocks as `weight` (what a file holds) has.
+def as_stored(want, weight):
+    """Abstract weight `want` as `weight` (what a file holds) stores it: 8-bit with its scales in as
+    many row blocks as `weight` has, or float in `weight`'s dtype (Grok-2's release: bf16 matrices).
 
-    Unchanged when either is a float weight. Shardings of the scales depend on their block count
-    (`grok.parallel.sharding.Sharder`), so they are computed from this rather than from the release's layout.
+    Shardings of the scales depend on their block count (`grok.parallel.sharding.Sharder`), so they
+    are computed from this rather than from the release's layout.
     """
-    if not isinstance(want, QuantizedWeight8bit) or not isinstance(weight, QuantizedWeight8bit):
+    if isinstance(weight, QuantizedWeight8bit):
+        return quantized_shape(want.shape, scale_block_count(weight)) if isinstance(want, QuantizedWeight8bit) else want
+    if not hasattr(weight, "dtype"):
         return want
-    return quantized_shape(want.shape, scale_block_count(weight))
+    return jax.ShapeDtypeStruct(tuple(want.shape), weight.dtype)
 
 
 def scale_block_count(weight: QuantizedWeight8bit) -> int:

@@ -75,7 +75,7 @@ class Grok:
         else:
             # The scales' layout depends on their row blocks: those of `params`, not the release's.
             shapes = jax.tree.map(
-                weights.with_scale_blocks_of, weights.model_shapes(config), params, is_leaf=weights.is_weight
+                weights.as_stored, weights.model_shapes(config), params, is_leaf=weights.is_weight
             )
             self.params = transformer.held_params(jax.tree.map(
                 lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s else place(np.asarray(x), s),
@@ -95,6 +95,7 @@ class Grok:
         progress: bool = True,
         cpu_format: bool | None = None,
         heartbeat_timeout_s: float = pods.HEARTBEAT_TIMEOUT_S,
+        quantize: bool = False,
     ) -> Grok:
         """Load a release-format checkpoint; `config` is a preset name, a JSON file or a `GrokConfig`;
         `tokenizer` a SentencePiece model file, "bytes" (the demo's `ByteTokenizer`) or a tokenizer.
@@ -102,6 +103,9 @@ class Grok:
         With a `sharder`, each weight goes straight to its shards (see `grok.checkpoint.loader`). On one CPU
         device each is converted to the CPU format as it is read (`grok.checkpoint.loader.load_layers`), so
         loading holds at most one tensor file more than the loaded model.
+
+        `quantize`: hold Grok-2's bf16 release as int8 with per-column scales (about half its bytes;
+        Grok-1's checkpoints are 8-bit already).
 
         On several processes, they first join as a pod (`grok.serving.pod.join`), which checks that
         each loads the same config, rules, mesh and checkpoint; a follower silent for
@@ -113,13 +117,13 @@ class Grok:
             tokenizer = load_tokenizer(tokenizer)
         sharder = sharder or single_device()
         sharder.check_activations(config)
-        pod = pods.join(pods.fingerprint(config, sharder, directory), heartbeat_timeout_s)
+        pod = pods.join(pods.fingerprint(config, sharder, directory, quantize), heartbeat_timeout_s)
         if _one_cpu_device(sharder):
             leaf = transformer.f32_leaf if cpu_format else transformer.cpu_int8_leaf
             with jax.default_device(sharder.mesh.devices.flat[0]):
-                params = load_layers(directory, config, convert=leaf, progress=progress)
+                params = load_layers(directory, config, convert=leaf, progress=progress, quantize=quantize)
         else:
-            params = load_sharded(directory, config, sharder, progress=progress)
+            params = load_sharded(directory, config, sharder, progress=progress, quantize=quantize)
         return cls(config, params, tokenizer, sharder, cpu_format, pod)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

@@ -44,7 +44,7 @@ JOIN_WAIT_S = 1800.0  # how long the processes wait for each other at start-up
 EXIT_AFTER_S = 2.0  # after a follower is lost, time for the requests' error events to reach clients
 
 
-def fingerprint(config: GrokConfig, sharder: Sharder, checkpoint: Path | None) -> dict[str, str]:
+def fingerprint(config: GrokConfig, sharder: Sharder, checkpoint: Path | None, quantize: bool = False) -> dict[str, str]:
     """What every process of a pod must have loaded alike, field by field (the values are short
     texts, shown when two processes differ)."""
 
@@ -57,6 +57,7 @@ def fingerprint(config: GrokConfig, sharder: Sharder, checkpoint: Path | None) -
         "rules": f"{Path(rules.source).name} ({digest(repr((rules.axes, rules.params, rules.activations)))})",
         "mesh": mesh_text(dict(sharder.mesh.shape)),
         "checkpoint": "none" if checkpoint is None else fingerprint_files(checkpoint),
+        "quantize": "int8 at load" if quantize else "as stored",
         "jax": jax.__version__,
     }
 
