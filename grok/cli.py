@@ -21,10 +21,11 @@ from grok.model.transformer import cache_dtype
 from grok.parallel import distributed, threads
 from grok.parallel.channel import ChannelError
 from grok.parallel.sharding import Sharder, load_rules, make_mesh, mesh_of, mesh_text, parse_mesh
+from grok.planning.aot import WEIGHT_FORMS
 from grok.planning.plan import choose_layout, make_plan
 from grok.planning.targets import TARGETS, use_cpu_backend
 from grok.serving.api import Grok, SamplingParams
-from grok.serving.chat import ChatTemplate
+from grok.serving.chat import PRESET_TEMPLATES, ChatTemplate
 from grok.serving.engine import Engine, Scheduling
 from grok.serving.pod import HEARTBEAT_TIMEOUT_S
 from grok.serving.prefix_cache import DEFAULT_SHARE, default_bytes
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--max-batch", type=POSITIVE, default=8, help="concurrent sequences (KV-cache slots; default: 8)")
     srv.add_argument(
-        "--cache-len", type=POSITIVE, help="KV-cache positions per slot (default: the config's sequence_len)"
+        "--cache-len", type=POSITIVE,
+        help=f"KV-cache positions per slot (default: the config's sequence_len, at most {DEFAULT_CACHE_LEN})",
     )
     srv.add_argument(
         "--max-queue", type=POSITIVE, default=64, help="waiting requests before answering 429 (default: 64)"
@@ -172,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--chat-template", metavar="FILE", help="JSON file that turns /v1/chat/completions messages into a prompt "
-        "(format: grok/serving/chat.py; default: grok/serving/chat_templates/plain.json, 'User: ...' lines, "
-        "stop at '\\nUser:')",
+        "(format: grok/serving/chat.py; default: with --config grok-2 its own, grok/serving/chat_templates/grok2.json; "
+        "else grok/serving/chat_templates/plain.json, 'User: ...' lines, stop at '\\nUser:')",
     )
 
     dl = commands.add_parser(
@@ -181,11 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch ckpt-0/ and tokenizer.model from the Hugging Face Hub, then verify them",
         description="Download (resumably) the release checkpoint and tokenizer, then check every tensor file.",
     )
-    dl.add_argument("--repo", default="xai-org/grok-1", help="Hub repository (default: xai-org/grok-1)")
+    dl.add_argument("--repo", default="xai-org/grok-1", help="Hub repository (default: xai-org/grok-1; Grok-2's: "
+                    "xai-org/grok-2)")
     dl.add_argument("--local-dir", type=Path, default=Path("checkpoints"), help="destination (default: checkpoints)")
     dl.add_argument("--revision", help="branch, tag or commit (default: main)")
     dl.add_argument("--endpoint", help="Hub URL (default: $HF_ENDPOINT, else huggingface.co)")
-    dl.add_argument("--config", default="grok-1", help="config to verify the files against (default: grok-1)")
+    dl.add_argument("--config", help="config to verify the files against (default: grok-2 for a grok-2 repository, "
+                    "else grok-1)")
     dl.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
     conv = commands.add_parser(
@@ -201,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="destination directory (default: checkpoints/safetensors, which generate/serve then prefer)",
     )
     conv.add_argument("--config", default="grok-1", help="preset name or JSON config file (default: grok-1)")
+    conv.add_argument(
+        "--quantize", choices=("int8",),
+        help="int8: write Grok-2's bf16 release as int8 with per-column bf16 scales (needed for Grok-2; "
+        "Grok-1's checkpoint is 8-bit already)",
+    )
     conv.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
     pl = commands.add_parser(
@@ -217,7 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=POSITIVE, default=8, help="concurrent sequences, as serve's --max-batch (default: 8)"
     )
     pl.add_argument(
-        "--cache-len", type=POSITIVE, help="KV-cache positions per sequence (default: the config's sequence_len)"
+        "--cache-len", type=POSITIVE,
+        help=f"KV-cache positions per sequence (default: the config's sequence_len, at most {DEFAULT_CACHE_LEN})",
+    )
+    pl.add_argument(
+        "--weights", choices=WEIGHT_FORMS, default="int8",
+        help="int8 (default): 8-bit matrices, as Grok-1 is released and Grok-2 is held with --quantize int8; "
+        "bf16: every weight bf16, as Grok-2 is released",
     )
     pl.add_argument(
         "--cpu-devices", "--devices", type=POSITIVE, metavar="N",
@@ -406,10 +421,13 @@ def _checkpoint_and_config(args: argparse.Namespace) -> tuple[Path | None, GrokC
     return checkpoint, load_config(args.config) if checkpoint is not None else DEMO_CONFIG
 
 
+DEFAULT_CACHE_LEN = 8192  # Grok-1's whole context; Grok-2 was trained at it (its 131,072 need --cache-len)
+
+
 def _cache_len(cache_len: int | None, config: GrokConfig) -> int:
-    """--cache-len, checked against the config (default: its sequence_len)."""
+    """--cache-len, checked against the config (default: its sequence_len, at most DEFAULT_CACHE_LEN)."""
     if cache_len is None:
-        return config.sequence_len
+        return min(config.sequence_len, DEFAULT_CACHE_LEN)
     if cache_len > config.sequence_len:
         raise ValueError(f"--cache-len must be in 1..{config.sequence_len} (the config's sequence_len), got {cache_len}")
     return cache_len
@@ -507,8 +525,9 @@ def serve(args: argparse.Namespace) -> int:
 
     _check_layout_flags(args)
     api_key = _api_key(args.api_key, lifecycle.API_KEY_ENV)
-    chat_template = ChatTemplate.load(args.chat_template)  # a bad file: "FILE: what is wrong", at once
-    _cache_len(args.cache_len, _checkpoint_and_config(args)[1])  # before the slow part
+    # A bad file: "FILE: what is wrong", at once. By default the preset's own (Grok-2's), else plain.
+    chat_template = ChatTemplate.load(args.chat_template or PRESET_TEMPLATES.get(str(args.config)))
+    args.cache_len = _cache_len(args.cache_len, _checkpoint_and_config(args)[1])  # before the slow part
     model = _load_model(args)
     if jax.process_index() > 0:  # no HTTP server, no scheduler: the leader's calls only
         return _follow(model)
@@ -528,7 +547,7 @@ def _scheduling(args: argparse.Namespace, grok: Grok) -> Scheduling:
     """serve's scheduling flags; the prefix cache's default memory is a share of the KV cache's."""
     config = grok.config
     if args.prefix_cache_mb is None:
-        cache_len = args.cache_len or config.sequence_len
+        cache_len = args.cache_len
         nbytes = default_bytes(config, args.max_batch, cache_len, grok.sharder.cache_heads(config), cache_dtype())
     else:
         nbytes = int(args.prefix_cache_mb * 1e6)
@@ -552,7 +571,8 @@ def plan(args: argparse.Namespace) -> int:
         where = f"{devices} x {target.description}, compiled by its own compiler with no device present"
     print(f"Planning {args.config} on {where}...", flush=True)
     prefix = None if args.prefix_cache_mb is None else int(args.prefix_cache_mb * 1e6)
-    result = make_plan(config, Sharder(rules, mesh), args.batch, cache_len, prefix_cache_bytes=prefix, target=target)
+    result = make_plan(config, Sharder(rules, mesh), args.batch, cache_len, prefix_cache_bytes=prefix, target=target,
+                       weights=args.weights)
     print(result.describe())
     if args.json:
         print(result.to_json())
@@ -562,18 +582,19 @@ def plan(args: argparse.Namespace) -> int:
 def download(args: argparse.Namespace) -> int:
     from grok.checkpoint import hub
 
-    config = load_config(args.config)
+    config = load_config(args.config or ("grok-2" if args.repo.rstrip("/").endswith("grok-2") else "grok-1"))
     directory = hub.download(args.repo, args.local_dir, args.revision, args.endpoint)
     hub.verify_download(args.local_dir, config)
-    print(f"Complete checkpoint in {directory}, tokenizer in {args.local_dir / 'tokenizer.model'}")
+    tokenizer = hub.GROK2_TOKENIZER_FILE if directory == args.local_dir else hub.TOKENIZER_FILE
+    print(f"Complete checkpoint in {directory}, tokenizer in {args.local_dir / tokenizer}")
     return 0
 
 
 def convert(args: argparse.Namespace) -> int:
     from grok.checkpoint.convert import convert as convert_checkpoint
 
-    output = convert_checkpoint(args.checkpoint, args.output, load_config(args.config))
-    print(f"Converted {args.checkpoint} to safetensors in {output}")
+    output = convert_checkpoint(args.checkpoint, args.output, load_config(args.config), quantize=args.quantize == "int8")
+    print(f"Converted {args.checkpoint} to safetensors{' (int8)' if args.quantize else ''} in {output}")
     return 0
 
 

@@ -13,7 +13,8 @@ from test_grok2_model import SHARD, TINY
 from test_model_vs_reference import TOLERANCE, prompt_set, relative_error
 
 from grok import Grok
-from grok.checkpoint import grok2_release
+from grok.checkpoint import grok2_release, safetensors_format
+from grok.checkpoint.convert import convert
 from grok.checkpoint.files import checkpoint_format
 from grok.checkpoint.safetensors_format import write_file
 from grok.model import weights
@@ -143,3 +144,22 @@ def test_lazy_reads_equal_whole_reads(tiny_release):
     np.testing.assert_array_equal(np.asarray(quantized.scales), scales)
     error = np.abs(values * scales.astype(np.float32) - whole.astype(np.float32))
     assert (error <= scales.astype(np.float32) * 0.5 + 1e-6).all()  # round to nearest step
+
+
+def test_convert_writes_the_int8_form_once(tiny_release, tmp_path, monkeypatch):
+    """`convert --quantize int8`: the same int8 model as quantizing at load, written a slice at a time,
+    kept when run again; without --quantize, Grok-2's release is refused (it loads as it is)."""
+    directory, _ = tiny_release
+    config = TINY.replace(release_dtype="bfloat16")  # the converted files hold its floats as released
+    monkeypatch.setattr(safetensors_format, "WRITE_CHUNK", 4096)  # many slices per weight
+    out = convert(directory, tmp_path / "int8", config, progress=False, quantize=True)
+    assert checkpoint_format(out) == "safetensors"
+    tokens = prompt_set(TINY, 7)[1]
+    converted = Grok.from_checkpoint(out, config, progress=False)
+    at_load = Grok.from_checkpoint(directory, config, progress=False, quantize=True)
+    np.testing.assert_array_equal(converted.logits(tokens), at_load.logits(tokens))
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("tensor*.safetensors")}
+    convert(directory, out, config, progress=False, quantize=True)  # again: every file kept
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("tensor*.safetensors")} == written
+    with pytest.raises(ValueError, match="pass --quantize int8"):
+        convert(directory, tmp_path / "bf16", config, progress=False)

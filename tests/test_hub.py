@@ -20,6 +20,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 from huggingface_hub import constants
+from test_grok2_model import TINY as GROK2_TINY
+from test_grok2_release import bf16_params, write_release
 
 from grok import PRESETS
 from grok.checkpoint import hub
@@ -45,8 +47,8 @@ class FakeHub:
     `requests` records (method, path in the repository, Range header) of every file request.
     """
 
-    def __init__(self, repos: dict[str, dict[str, bytes]], refs: dict[str, str]) -> None:
-        self.repos, self.refs = repos, refs
+    def __init__(self, repos: dict[str, dict[str, bytes]], refs: dict[str, str], repo: str = REPO) -> None:
+        self.repos, self.refs, self.repo = repos, refs, repo
         self.faults: dict[str, list[tuple[str, int]]] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
@@ -88,9 +90,9 @@ class FakeHub:
 
             def _route(self, body: bool) -> None:
                 path = urlsplit(self.path).path
-                api = re.fullmatch(rf"/api/models/{REPO}(?:/revision/([^/]+))?", path)
-                tree = re.fullmatch(rf"/api/models/{REPO}/tree/([^/]+)(/.*)?", path)
-                resolve = re.fullmatch(rf"/{REPO}/resolve/([^/]+)/(.+)", path)
+                api = re.fullmatch(rf"/api/models/{hub.repo}(?:/revision/([^/]+))?", path)
+                tree = re.fullmatch(rf"/api/models/{hub.repo}/tree/([^/]+)(/.*)?", path)
+                resolve = re.fullmatch(rf"/{hub.repo}/resolve/([^/]+)/(.+)", path)
                 if api:
                     self._info(api.group(1) or "main")
                 elif tree:
@@ -123,7 +125,7 @@ class FakeHub:
                 if commit is None:
                     return self._error(404, "RevisionNotFound")
                 files = [{"rfilename": p} for p in sorted(hub.repos[commit])]
-                self._json({"id": REPO, "modelId": REPO, "sha": commit, "private": False, "siblings": files})
+                self._json({"id": hub.repo, "modelId": hub.repo, "sha": commit, "private": False, "siblings": files})
 
             def _tree(self, revision: str, under: str, recursive: bool) -> None:
                 commit = hub._commit(revision)
@@ -195,13 +197,17 @@ def fake_hub(release, tmp_path, monkeypatch):
     """A running FakeHub, with `huggingface_hub` pointed at it and its caches kept in tmp_path."""
     old = {re.sub(r"^ckpt-0/", "ckpt/", path): data for path, data in release.items()}
     bare = {"README.md": release["README.md"]}
+    point_at_fake_hub(tmp_path, monkeypatch)
+    with FakeHub({MAIN: dict(release), OLD: old, BARE: bare}, {"main": MAIN, "v0": OLD, "bare": BARE}) as server:
+        yield server
+
+
+def point_at_fake_hub(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    with FakeHub({MAIN: dict(release), OLD: old, BARE: bare}, {"main": MAIN, "v0": OLD, "bare": BARE}) as server:
-        yield server
 
 
 def assert_same_files(local_dir: Path, release: dict[str, bytes], subdir: str = "ckpt-0") -> None:
@@ -356,3 +362,27 @@ def test_copy_of_release_layout_is_found_by_verify(downloaded, tmp_path_factory)
     shutil.copytree(downloaded / "ckpt-0", other / "ckpt")
     shutil.copy(downloaded / "tokenizer.model", other)
     hub.verify_download(other, CONFIG)
+
+
+# ------------------------------------------------------------------------------------ Grok-2
+
+
+def test_grok2_download_fetches_the_release_and_verifies_it(tmp_path, monkeypatch):
+    """xai-org/grok-2's layout: safetensors and tokenizer.tok.json at the top, into local_dir itself."""
+    written = write_release(tmp_path / "written", bf16_params(GROK2_TINY, 1), GROK2_TINY)
+    files = {p.name: p.read_bytes() for p in sorted(written.iterdir())}
+    files["tokenizer.tok.json"] = b'{"regular_tokens": [], "special_tokens": [], "word_split": "V1"}'
+    files["README.md"] = b"# Grok-2\n"
+    point_at_fake_hub(tmp_path, monkeypatch)
+    local_dir = tmp_path / "grok-2"
+    with FakeHub({MAIN: files}, {"main": MAIN}, repo="xai-org/grok-2") as server:
+        assert hub.download("xai-org/grok-2", local_dir, endpoint=server.url, progress=False) == local_dir
+    assert sorted(p.name for p in local_dir.iterdir() if p.is_file()) == sorted(set(files) - {"README.md"})
+    hub.verify_download(local_dir, GROK2_TINY)
+    rank = local_dir / "pytorch_model-00003-TP-005.safetensors"
+    rank.write_bytes(rank.read_bytes()[:-100])  # cut short
+    with pytest.raises(CheckpointError, match="incomplete checkpoint in .*TP-005.safetensors"):
+        hub.verify_download(local_dir, GROK2_TINY)
+    rank.unlink()
+    with pytest.raises(CheckpointError, match=r"no \*-TP-005.safetensors \(TP rank 5 of 8\)"):
+        hub.verify_download(local_dir, GROK2_TINY)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from grok.checkpoint import files, pickles
+from grok.checkpoint import files, grok2_release, pickles
 from grok.checkpoint.files import SAFETENSORS_INDEX, CheckpointError, PathLike, Weight
 from grok.checkpoint.safetensors_format import (
     FORMAT,
@@ -34,14 +34,21 @@ from grok.checkpoint.safetensors_format import (
     write_index,
 )
 from grok.model.config import GrokConfig
+from grok.model.quant import QuantizedWeight8bit
 
 log = logging.getLogger("grok")
 _OUTPUT_FILE = re.compile(r"tensor(\d{5})\.safetensors")
 _STALE_TEMPORARY = re.compile(r"\.(tensor\d{5}\.safetensors|" + re.escape(SAFETENSORS_INDEX) + r")\.tmp\d+")
 
 
-def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: bool = True) -> Path:
+def convert(
+    src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: bool = True, quantize: bool = False
+) -> Path:
     """Convert the release checkpoint in `src_dir` (or its `ckpt-0/` or `ckpt/`) into `dst_dir`; returns `dst_dir`.
+
+    Grok-2's release (bf16 safetensors) needs `quantize`: its int8 form (per-column bf16 scales, as
+    `--quantize int8` makes at load) is written, once, for loading at one byte per weight without
+    quantizing every time; Grok-1's checkpoints are 8-bit already.
 
     Every source file is checked against `config` as it is read (errors name the file and the
     parameter). Output files already in `dst_dir` with the expected tensors, dtypes and shapes,
@@ -51,6 +58,13 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
     """
     src = Path(src_dir)
     files.resolve_checkpoint_dir(src)  # a CheckpointError if it does not exist
+    if grok2_release.is_release(src):
+        if not quantize:
+            raise ValueError(f"{src} is Grok-2's release, which loads as it is; convert writes its int8 form: "
+                             "pass --quantize int8")
+        return _convert_release(src, Path(dst_dir), config, progress)
+    if quantize:
+        raise ValueError(f"{src} holds Grok-1's checkpoint, 8-bit already: --quantize int8 is for Grok-2's release")
     if not files.tensor_files(src):
         for name in (files.CHECKPOINT_SUBDIR, files.LEGACY_CHECKPOINT_SUBDIR):
             if (src / name).is_dir():
@@ -63,15 +77,8 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
         raise CheckpointError(f"convert needs an output directory other than its input {src}")
     names, expected, _ = files.expected_weights(config)
     files.check_files_present(src, names)
-    dst.mkdir(parents=True, exist_ok=True)
-    _check_output_dir(dst, len(names))
     origin_dir = src.resolve()  # what the output records; not each file's target (the Hub's cache links blobs)
-    _check_same_source(dst, origin_dir)
-
-    (dst / SAFETENSORS_INDEX).unlink(missing_ok=True)  # unfinished until it is written again at the end
-    for path in dst.iterdir():
-        if _STALE_TEMPORARY.fullmatch(path.name):
-            path.unlink()  # left by a conversion that was killed (see `files.atomic_write`)
+    _prepare_output(dst, len(names), origin_dir)
 
     weight_map: dict[str, str] = {}
     total_size = kept = 0
@@ -96,6 +103,50 @@ def convert(src_dir: PathLike, dst_dir: PathLike, config: GrokConfig, progress: 
     write_index(dst, weight_map, total_size, {"source": str(origin_dir)})
     resumed = f" ({kept} files were already converted)" if kept else ""
     log.info("converted %d weights (%.2f GB) from %s to %s%s", len(names), total_size / 1e9, src, dst, resumed)
+    return dst
+
+
+def _prepare_output(dst: Path, count: int, origin_dir: Path) -> None:
+    """Make `dst` ready for a conversion of `count` weights from `origin_dir`: refused if it holds
+    another checkpoint; unfinished (no index) until the end; temporary files of a killed run gone."""
+    dst.mkdir(parents=True, exist_ok=True)
+    _check_output_dir(dst, count)
+    _check_same_source(dst, origin_dir)
+    (dst / SAFETENSORS_INDEX).unlink(missing_ok=True)  # unfinished until it is written again at the end
+    for path in dst.iterdir():
+        if _STALE_TEMPORARY.fullmatch(path.name):
+            path.unlink()  # left by a conversion that was killed (see `files.atomic_write`)
+
+
+def _convert_release(src: Path, dst: Path, config: GrokConfig, progress: bool) -> Path:
+    """Grok-2's release into the safetensors format, its matrices quantized to int8 (resumable as
+    `convert`: an output file is kept while it records this release and weight)."""
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise CheckpointError(f"convert needs an output directory other than its input {src}")
+    names, expected, _ = files.expected_weights(config)
+    wanted = grok2_release.expected_release(expected, quantize=True)
+    origin_dir = src.resolve()
+    _prepare_output(dst, len(names), origin_dir)
+    release = grok2_release.Release(src)
+    weight_map: dict[str, str] = {}
+    total_size = kept = 0
+    bar = tqdm(list(zip(names, wanted)), desc=f"quantizing {src} -> {dst}", unit="weight", disable=not progress)
+    for i, (name, want) in enumerate(bar):
+        out = dst / file_name(i)
+        weight_map.update(dict.fromkeys(tensor_keys(name, want), out.name))
+        origin = {"source": str(origin_dir / "release"), "weight": name, "quantize": "int8"}
+        converted = _converted(out, name, want, origin)
+        if converted is not None:
+            total_size += sum(_nbytes(array) for array in tensor_keys(name, converted).values())
+            kept += 1
+            continue
+        source = release.source(name)
+        weight = grok2_release.quantized(source) if isinstance(want, QuantizedWeight8bit) else source
+        files.check_weight(f"{src} ({name})", want, weight)
+        total_size += write_file(out, tensor_keys(name, weight), {"format": FORMAT, "name": name, **origin})
+    write_index(dst, weight_map, total_size, {"source": str(origin_dir), "quantize": "int8"})
+    resumed = f" ({kept} files were already converted)" if kept else ""
+    log.info("quantized %d weights (%.2f GB) from %s to %s%s", len(names), total_size / 1e9, src, dst, resumed)
     return dst
 
 

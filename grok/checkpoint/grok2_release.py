@@ -69,9 +69,11 @@ class Release:
                 else:
                     self.common[key] = stored.array(key)
         ranks = {r for parts in self.ranked.values() for r in parts}
-        self.ranks = len(ranks)
-        if ranks != set(range(self.ranks)):
-            raise CheckpointError(f"{directory}: TP files for ranks {sorted(ranks)}, expected 0..{len(ranks) - 1}")
+        self.ranks = max(ranks, default=-1) + 1
+        missing = sorted(set(range(self.ranks)) - ranks)
+        if missing:
+            raise CheckpointError(f"{directory}: no *-TP-{missing[0]:03d}.safetensors (TP rank {missing[0]} of "
+                                  f"{self.ranks}), which holds a slice of every expert")
 
     def tensor(self, key: str):
         if key not in self.common:

@@ -1,5 +1,10 @@
 """`run.py download`: fetch the released checkpoint from the Hugging Face Hub, and check it is complete.
 
+Grok-2's repository (xai-org/grok-2) is laid out otherwise: its safetensors files and
+`tokenizer.tok.json` at the top (`grok.checkpoint.grok2_release`); `download` fetches those into
+`local_dir` itself, and `verify_download` opens every file's header and checks each weight's
+tensors are there, with the shapes the config expects, and that the tokenizer loads.
+
 `download` fetches `ckpt-0/*` (older revisions of the repository call the directory `ckpt/`) and
 `tokenizer.model` with `huggingface_hub.snapshot_download` into a plain directory, with progress
 bars. Running it again continues an interrupted download: files already complete (recorded in
@@ -25,11 +30,13 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import XetDownloadError
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
+from grok.checkpoint import grok2_release
 from grok.checkpoint.files import (
     CHECKPOINT_SUBDIR,
     LEGACY_CHECKPOINT_SUBDIR,
     CheckpointError,
     PathLike,
+    expected_weights,
     tensor_file_name,
     tensor_files,
 )
@@ -41,6 +48,7 @@ log = logging.getLogger("grok")
 
 REPO_ID = "xai-org/grok-1"
 TOKENIZER_FILE = "tokenizer.model"
+GROK2_TOKENIZER_FILE = "tokenizer.tok.json"
 # A release tensor file is its arrays' bytes plus a pickle header of a few hundred bytes; anything
 # beyond this allowance is not the file the config expects.
 PICKLE_OVERHEAD = 64 * 1024
@@ -77,6 +85,8 @@ def download(
         top = {entry.path: entry for entry in api.list_repo_tree(repo_id, revision=commit)}
     except _TRANSFER_ERRORS as err:
         raise DownloadError(f"cannot list {repo_id} at revision {revision or 'main'}: {err}") from err
+    if any(grok2_release.COMMON.match(path) for path, entry in top.items() if isinstance(entry, RepoFile)):
+        return _download_release(repo_id, top, commit, local_dir, endpoint, progress)
     folders = [d for d in (CHECKPOINT_SUBDIR, LEGACY_CHECKPOINT_SUBDIR) if isinstance(top.get(d), RepoFolder)]
     subdir = folders[0] if folders else None
     if subdir is None or not isinstance(top.get(TOKENIZER_FILE), RepoFile):
@@ -105,6 +115,25 @@ def download(
     return local_dir / subdir
 
 
+def _download_release(repo_id: str, top: dict, commit: str, local_dir: Path, endpoint: str | None,
+                      progress: bool) -> Path:
+    """Grok-2's layout: its safetensors files and tokenizer into `local_dir` itself."""
+    if not isinstance(top.get(GROK2_TOKENIZER_FILE), RepoFile):
+        raise DownloadError(f"{repo_id} (commit {commit}) holds Grok-2's safetensors but no {GROK2_TOKENIZER_FILE}")
+    log.info("downloading the safetensors files and %s of %s (commit %s) into %s", GROK2_TOKENIZER_FILE, repo_id,
+             commit, local_dir)
+    try:
+        snapshot_download(repo_id, revision=commit, local_dir=local_dir, endpoint=endpoint,
+                          allow_patterns=["*.safetensors", GROK2_TOKENIZER_FILE],
+                          tqdm_class=None if progress else _NoProgress)
+    except _TRANSFER_ERRORS as err:
+        raise DownloadError(
+            f"download of {repo_id} into {local_dir} stopped: {err}. Run it again to continue "
+            "(files already complete are kept)"
+        ) from err
+    return local_dir
+
+
 class _NoProgress(tqdm.tqdm):
     """A progress bar that never shows (for `progress=False`)."""
 
@@ -125,6 +154,8 @@ def verify_download(local_dir: PathLike, config: GrokConfig) -> None:
     each, and how many).
     """
     local_dir = Path(local_dir)
+    if local_dir.is_dir() and grok2_release.is_release(local_dir):
+        return _verify_release(local_dir, config)
     directory = _downloaded_checkpoint_dir(local_dir)
     names, expected = flatten(checkpoint_shapes(config))
     missing, short, long = [], [], []
@@ -162,6 +193,24 @@ def verify_download(local_dir: PathLike, config: GrokConfig) -> None:
             "Run download again to fetch what is missing"
         )
     log.info("%s: all %d tensor files present with plausible sizes, and %s", directory, len(names), TOKENIZER_FILE)
+
+
+def _verify_release(local_dir: Path, config: GrokConfig) -> None:
+    """Grok-2's release: every weight's tensors in the files' headers with the shapes `config` expects
+    (nothing read but the headers; a truncated file fails its header's check), and a non-empty tokenizer."""
+    names, expected, _ = expected_weights(config)
+    try:
+        for _ in grok2_release.iter_weights(local_dir, names, grok2_release.expected_release(expected, False), False):
+            pass
+    except CheckpointError as err:
+        raise CheckpointError(f"incomplete checkpoint in {local_dir}: {err}. Run download again to fetch what is "
+                              "missing") from None
+    tokenizer = local_dir / GROK2_TOKENIZER_FILE
+    if not tokenizer.is_file() or tokenizer.stat().st_size == 0:
+        raise CheckpointError(f"incomplete checkpoint in {local_dir}: {GROK2_TOKENIZER_FILE} missing or empty. "
+                              "Run download again to fetch what is missing")
+    log.info("%s: all %d weights present with the expected shapes, and %s", local_dir, len(names),
+             GROK2_TOKENIZER_FILE)
 
 
 def _downloaded_checkpoint_dir(local_dir: Path) -> Path:

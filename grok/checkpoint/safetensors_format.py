@@ -83,36 +83,54 @@ def tensor_keys(name: str, weight) -> dict[str, object]:
 # ----------------------------------------------------------------------------------------- writing
 
 
+WRITE_CHUNK = 256 << 20  # bytes of a lazy source read at a time by `write_file`
+
+
 def write_file(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> int:
     """Write `arrays` as one safetensors file, atomically; returns the bytes of tensor data written.
 
     Streams each array's buffer to the file (no copy into one big buffer, as `safetensors.numpy`
-    makes). The header is padded with spaces (as the format allows) so that the data starts on a
-    page boundary, and arrays are ordered by decreasing item size, so every tensor starts aligned
-    to its item size (and Grok-1's int8 weights, after their scales, on a page boundary too). The
-    output is byte-for-byte deterministic.
+    makes). An array may also be a lazy source (`shape`, `dtype`, `source[index]`: Grok-2's release,
+    `grok.checkpoint.grok2_release`), read and written a few slices of its first axis at a time
+    (at most WRITE_CHUNK bytes, or one slice), so no whole expert stack is ever in memory. The
+    header is padded with spaces (as the format allows) so that the data starts on a page boundary,
+    and arrays are ordered by decreasing item size, so every tensor starts aligned to its item size
+    (and Grok-1's int8 weights, after their scales, on a page boundary too). The output is
+    byte-for-byte deterministic.
     """
-    arrays = {key: _little_endian(np.ascontiguousarray(value)) for key, value in arrays.items()}
+    arrays = {
+        key: _little_endian(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+        for key, value in arrays.items()
+    }
     header: dict[str, object] = {"__metadata__": dict(metadata or {})}
     offset = 0
     order = sorted(arrays, key=lambda key: (-arrays[key].dtype.itemsize, key))
     for key in order:
         array = arrays[key]
-        if array.dtype not in DTYPE_NAMES:
+        if np.dtype(array.dtype) not in DTYPE_NAMES:
             raise CheckpointError(f"{path}: cannot store {key} of dtype {array.dtype} in safetensors")
+        nbytes = int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
         header[key] = {
-            "dtype": DTYPE_NAMES[array.dtype],
+            "dtype": DTYPE_NAMES[np.dtype(array.dtype)],
             "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += array.nbytes
+        offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % PAGE)
     with atomic_write(path) as file:
         file.write(struct.pack("<Q", len(text)))
         file.write(text)
         for key in order:
-            file.write(arrays[key].reshape(-1).view(np.uint8).data)
+            array = arrays[key]
+            if isinstance(array, np.ndarray):
+                file.write(array.reshape(-1).view(np.uint8).data)
+                continue
+            first = array.shape[0] if array.shape else 1
+            step = max(1, WRITE_CHUNK // max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * np.dtype(array.dtype).itemsize))
+            for start in range(0, first, step):
+                chunk = np.ascontiguousarray(array[start : start + step], dtype=array.dtype)
+                file.write(_little_endian(chunk).reshape(-1).view(np.uint8).data)
     return offset
 
 

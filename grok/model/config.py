@@ -42,6 +42,7 @@ class GrokConfig:
     output_softcap: float = 0.0  # final logits -> cap * tanh(logits / cap), after output_multiplier_scale; 0: off
     residual_ffn_size: int = 0  # a dense gated-GELU MLP this wide beside the MoE (Grok-2's residual_moe); 0: none
     tie_embeddings: bool = True  # the output projection reads the input embedding table (else its own)
+    release_dtype: str = "float32"  # the release's float tensors (embeddings, norms, router; Grok-2: all of them)
 
     def __post_init__(self) -> None:
         """Each field on its own (integer or finite number, positive), then how they fit together."""
@@ -91,6 +92,7 @@ class GrokConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
 
+RELEASE_DTYPES = ("float32", "bfloat16")
 _MAY_BE_ZERO = ("pad_token", "eos_token", "attn_temperature_len", "router_softcap", "output_softcap",
                 "residual_ffn_size")  # every other number must be positive
 
@@ -99,6 +101,8 @@ def _field_problem(name: str, kind: str | type, value: object) -> str | None:
     """What is wrong with one field's value on its own (its type, finiteness and sign), if anything."""
     if kind in ("bool", bool):
         return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
+    if kind in ("str", str):
+        return None if value in RELEASE_DTYPES else f"{name} must be one of {', '.join(RELEASE_DTYPES)}, got {value!r}"
     if kind in ("int", int):
         if isinstance(value, bool) or not isinstance(value, int):
             return f"{name} must be an integer, got {value!r}"
@@ -181,6 +185,7 @@ PRESETS: dict[str, GrokConfig] = {
         output_softcap=50.0,
         residual_ffn_size=32768,
         tie_embeddings=False,
+        release_dtype="bfloat16",
     ),
     # Tiny model for unit tests: 4 experts so nothing assumes 8.
     "tiny": _small(

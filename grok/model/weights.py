@@ -45,18 +45,21 @@ _PER_LAYER = re.compile(r"^transformer/decoder_layer_(\d+)/(.+)$")
 
 
 def model_shapes(config: GrokConfig, scale_blocks: Mapping[str, int] = SCALE_BLOCKS) -> Params:
-    """Abstract model tree: float weights as `ShapeDtypeStruct`, 8-bit ones as `QuantizedWeight8bit` of them.
+    """Abstract model tree: float weights as `ShapeDtypeStruct`s in the release's float dtype
+    (`config.release_dtype`), 8-bit ones as `QuantizedWeight8bit` of them.
 
     `scale_blocks` says which modules are 8-bit and how many row blocks their scales have (by
-    default as released).
+    default as Grok-1 is released, and as Grok-2 is held quantized; {}: every weight float).
     """
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     shapes = jax.eval_shape(transformer.build(config).init, jax.random.key(0), tokens)
+    dtype = jnp.dtype(config.release_dtype)
     tree: Params = {}
     for path, leaves in shapes.items():
         blocks = scale_blocks.get(path.removeprefix(_STACKED))
         tree[path] = {
-            name: leaf if blocks is None else quantized_shape(leaf.shape, blocks) for name, leaf in leaves.items()
+            name: jax.ShapeDtypeStruct(leaf.shape, dtype) if blocks is None else quantized_shape(leaf.shape, blocks)
+            for name, leaf in leaves.items()
         }
     return tree
 

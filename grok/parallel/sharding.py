@@ -59,6 +59,7 @@ class ShardingError(ValueError):
 class Rule:
     pattern: str
     spec: PartitionSpec
+    optional: bool = False  # from `[optional_params]`: may match no parameter (one only some models have)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,18 +104,23 @@ def load_rules(name_or_path: str | os.PathLike) -> PartitionRules:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ShardingError(f"{path}: not valid TOML: {err}") from None
-    unknown = set(data) - {"params", "activations", "mesh"}
+    unknown = set(data) - {"params", "optional_params", "activations", "mesh"}
     if unknown or "params" not in data or "activations" not in data:
-        raise ShardingError(f"{path}: expected the tables [params] and [activations], and optionally [mesh]")
+        raise ShardingError(
+            f"{path}: expected the tables [params] and [activations], and optionally [mesh] and [optional_params]"
+        )
     axes = _mesh_axes(data.get("mesh", {"axes": list(MESH_AXES)}), path)
-    rules = []
-    for pattern, entries in data["params"].items():
-        where = f"{path}: rule {pattern!r}"
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ShardingError(f"{where}: regex does not compile: {err}") from None
-        rules.append(Rule(pattern, _spec(entries, where, axes)))
+    rules = []  # the optional ones first: they name parameters only some models have, more precisely
+    for table, optional in (("optional_params", True), ("params", False)):
+        if not isinstance(data.get(table, {}), dict):
+            raise ShardingError(f"{path}: [{table}] must be a table of regex = spec")
+        for pattern, entries in data.get(table, {}).items():
+            where = f"{path}: rule {pattern!r}"
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ShardingError(f"{where}: regex does not compile: {err}") from None
+            rules.append(Rule(pattern, _spec(entries, where, axes), optional))
     activations = {}
     for name, entries in data["activations"].items():
         if name not in ACTIVATIONS:
@@ -233,7 +239,7 @@ class Sharder:
                     raise ShardingError(f"{self.rules.source}: no rule matches parameter {full}")
                 used.add(rule.pattern)
                 out[path][name] = self._param_sharding(rule, full, leaf)
-        unused = [r.pattern for r in self.rules.params if r.pattern not in used]
+        unused = [r.pattern for r in self.rules.params if r.pattern not in used and not r.optional]
         if unused:
             raise ShardingError(f"{self.rules.source}: rule {unused[0]!r} matches no parameter")
         return out

@@ -18,11 +18,13 @@ from grok.model.weights import model_shapes
 from grok.parallel.sharding import Sharder
 from grok.serving.programs import row_settings, step_functions
 
+WEIGHT_FORMS = ("int8", "bf16")  # matrices 8-bit (Grok-1 as released, Grok-2 quantized), or all bf16
 
-def abstract_params(config: GrokConfig, sharder: Sharder) -> dict:
+
+def abstract_params(config: GrokConfig, sharder: Sharder, weights: str = "int8") -> dict:
     """The parameters as ShapeDtypeStructs with the shardings `sharder` gives them, as the model holds
-    them on the platform traced for (`grok.model.transformer.held_params`)."""
-    shapes = model_shapes(config)
+    them on the platform traced for (`grok.model.transformer.held_params`); `weights` one of WEIGHT_FORMS."""
+    shapes = model_shapes(config) if weights == "int8" else model_shapes(config.replace(release_dtype="bfloat16"), {})
     return transformer.held_params(jax.tree.map(
         lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
         shapes,
@@ -31,12 +33,12 @@ def abstract_params(config: GrokConfig, sharder: Sharder) -> dict:
 
 
 def decode_inputs(
-    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, cache_dtype=transformer.DTYPE
+    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, cache_dtype=transformer.DTYPE, weights: str = "int8"
 ) -> tuple[dict, jax.ShapeDtypeStruct, transformer.KVMemory]:
     """(params, token [batch, 1], memory) of a decode step as ShapeDtypeStructs carrying the
     shardings `sharder` gives them, the parameters as held for the platform traced for
     (`grok.model.transformer.held_params`); the cache is bf16, as on an accelerator, unless told."""
-    params = abstract_params(config, sharder)
+    params = abstract_params(config, sharder, weights)
     cache = transformer.cache_shape(config, batch, cache_len, sharder.cache_heads(config))
     kv = sharder.cache_sharding(cache)
     rows = sharder.activation("tokens", (batch, 1))
@@ -79,12 +81,13 @@ class Step(NamedTuple):
 
 
 def engine_steps(
-    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, prefill_len: int, cache_dtype=transformer.DTYPE
+    config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, prefill_len: int, cache_dtype=transformer.DTYPE,
+    weights: str = "int8",
 ) -> dict[str, Step]:
     """The engine's decode step (`batch` rows) and prefill chunk (one row of `prefill_len` tokens)
     over a `batch` x `cache_len` cache, lowered for `decode_inputs`' abstract arguments: exactly
     what `grok.serving.engine.Engine` runs (`grok.serving.programs.step_functions`)."""
-    params, token, memory = decode_inputs(config, sharder, batch, cache_len, cache_dtype)
+    params, token, memory = decode_inputs(config, sharder, batch, cache_len, cache_dtype, weights)
     apply = transformer.build(config, constrain=sharder.constrain).apply
     prefill, decode = step_functions(apply, sharder.replicated())
     replicated = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharder.replicated())

@@ -115,6 +115,9 @@ class Plan:
     device_memory_gib: float | None = None  # the target's device memory (None: any of DEVICE_SIZES_GB)
     memory_analysis: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # per program
     decode: DecodeRoofline | None = None  # the decode step's traffic (accelerator targets)
+    weights: str = "int8"  # `grok.planning.aot.WEIGHT_FORMS`
+    sequence_len: int = 0  # the config's whole context
+    context_bytes_per_sequence: int = 0  # per device: one sequence's keys and values over sequence_len
 
     @property
     def total_bytes_per_device(self) -> int:
@@ -139,7 +142,8 @@ class Plan:
         gib = lambda n: f"{n / GIB:8.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:8.2f} MiB"
         lines = [
             f"Layout: --mesh {mesh_text(self.mesh)} --rules {self.rules} ({self.devices} devices)",
-            f"Serving: batch {self.batch}, {self.cache_len}-token caches, prefill chunks of {self.prefill_len} tokens",
+            f"Serving: batch {self.batch}, {self.cache_len}-token caches, prefill chunks of {self.prefill_len} tokens, "
+            f"{'8-bit matrices' if self.weights == 'int8' else 'bf16 weights'}",
             "Per device:",
             f"  parameters   {gib(self.params_bytes_per_device)}",
             f"  KV cache     {gib(self.kv_bytes_per_device)}",
@@ -150,6 +154,9 @@ class Plan:
             f"  total        {gib(self.total_bytes_per_device)}",
             f"Compiled in {self.compile_s['decode']:.1f} s (decode) and {self.compile_s['prefill']:.1f} s (prefill).",
         ]
+        if self.sequence_len > self.cache_len:
+            lines.append(f"A whole {self.sequence_len}-token context would cost {gib(self.context_bytes_per_sequence).strip()} "
+                         "of KV cache per sequence per device.")
         if self.decode is not None:
             lines += self.decode.describe()
         fits = self.fits()
@@ -181,20 +188,24 @@ def _bytes_per_device(tree, shardings) -> int:
 
 def make_plan(
     config: GrokConfig, sharder: Sharder, batch: int, cache_len: int, prefill_len: int = PREFILL_CHUNK,
-    prefix_cache_bytes: int | None = None, target: Target = TARGETS["cpu"],
+    prefix_cache_bytes: int | None = None, target: Target = TARGETS["cpu"], weights: str = "int8",
 ) -> Plan:
     """Count and compile (abstractly) the layout `sharder` gives `config` for this serving shape.
     `prefix_cache_bytes` is the prefix cache's memory in all (default: serve's, a share of the
     KV cache's); the plan holds each device's part of it. `target`: whose compiler compiles the
     programs (the sharder's mesh must hold its devices); an accelerator's plan also counts the
-    decode step's traffic against its ideal (`grok.planning.roofline`)."""
+    decode step's traffic against its ideal (`grok.planning.roofline`). `weights`: "int8" (8-bit
+    matrices, other tensors in the release's dtype) or "bf16" (every weight bf16, Grok-2 as released)."""
     source = Path(sharder.rules.source)
     rules_name = source.stem if source.parent == RULES_DIR else str(source)
     with tracing_for(target.platform):
-        params = aot.abstract_params(config, sharder)
+        params = aot.abstract_params(config, sharder, weights)
     params_bytes = _bytes_per_device(params, jax.tree.map(lambda leaf: leaf.sharding, params))
     cache = jax.ShapeDtypeStruct(transformer.cache_shape(config, batch, cache_len, sharder.cache_heads(config)), transformer.DTYPE)
     kv_bytes = 2 * _bytes_per_device(cache, sharder.cache_sharding(cache.shape))  # keys and values
+    context = jax.ShapeDtypeStruct(transformer.cache_shape(config, 1, config.sequence_len, sharder.cache_heads(config)),
+                                   transformer.DTYPE)
+    context_bytes = 2 * _bytes_per_device(context, sharder.cache_sharding(context.shape))
     heads, block = sharder.cache_heads(config), DEFAULT_BLOCK_SIZE
     if prefix_cache_bytes is None:
         prefix_cache_bytes = default_bytes(config, batch, cache_len, heads, transformer.DTYPE)
@@ -204,7 +215,7 @@ def make_plan(
     temp, seconds, analysis, decode = {}, {}, {}, None
     cache_dtype = transformer.WORDS if target.platform == "cpu" else transformer.DTYPE
     with tracing_for(target.platform):
-        steps = aot.engine_steps(config, sharder, batch, cache_len, min(prefill_len, cache_len), cache_dtype)
+        steps = aot.engine_steps(config, sharder, batch, cache_len, min(prefill_len, cache_len), cache_dtype, weights)
     for name, step in steps.items():
         start = time.perf_counter()
         compiled = step.lowered.compile(compiler_options=target.compiler_options())
@@ -233,4 +244,7 @@ def make_plan(
         device_memory_gib=None if target.platform == "cpu" else target.memory_gib,
         memory_analysis=analysis,
         decode=decode,
+        weights=weights,
+        sequence_len=config.sequence_len,
+        context_bytes_per_sequence=context_bytes,
     )

@@ -40,6 +40,8 @@ from typing import Any, Iterable
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "chat_templates" / "plain.json"
+# The template a preset's model was trained for, where it has one (a base model like Grok-1 has not).
+PRESET_TEMPLATES = {"grok-2": Path(__file__).resolve().parent / "chat_templates" / "grok2.json"}
 MAX_TEMPLATE_STOP = 4
 MAX_TEMPLATE_BYTES = 1 << 20
 _TEXT_KEYS = ("generation_prompt", "prefix", "description")
