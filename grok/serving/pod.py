@@ -20,6 +20,7 @@ is gone, or silent for the heartbeat timeout, exits 1 at once.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import socket
@@ -37,10 +38,11 @@ from grok.parallel.sharding import Sharder, mesh_text
 
 log = logging.getLogger("grok")
 
-CHANNEL_KEY = "grok/channel"  # where the leader publishes its channel's port
+CHANNEL_KEY = "grok/channel"  # where the leader publishes its channel's port (one key per join)
 ENV_CHANNEL_PORT = "GROK_CHANNEL_PORT"  # the leader's channel port (default: any free one)
 HEARTBEAT_TIMEOUT_S = 30.0
 JOIN_WAIT_S = 1800.0  # how long the processes wait for each other at start-up
+_JOINS = itertools.count()  # models joined so far in this run (a script may load more than one)
 EXIT_AFTER_S = 2.0  # after a follower is lost, time for the requests' error events to reach clients
 
 
@@ -133,19 +135,20 @@ def join(fingerprint: dict[str, str], heartbeat_timeout_s: float = HEARTBEAT_TIM
 
     pod = Pod(jax.process_index())
     wait_ms = int(JOIN_WAIT_S * 1000)
+    key = f"{CHANNEL_KEY}/{next(_JOINS)}"  # every process joins in the same order: the same key
     if pod.leader:
         text = os.environ.get(ENV_CHANNEL_PORT, "").strip() or "0"
         if not text.isdigit() or int(text) > 65535:
             raise ValueError(f"{ENV_CHANNEL_PORT}={text!r} is not a port number")
         port = int(text)
         with socket.create_server(("", port)) as listener:
-            global_state.client.key_value_set(CHANNEL_KEY, str(listener.getsockname()[1]))
+            global_state.client.key_value_set(key, str(listener.getsockname()[1]))
             log.info("waiting for %d followers on port %d", jax.process_count() - 1, listener.getsockname()[1])
             pod._leader = channel.Leader.accept(listener, jax.process_count() - 1, fingerprint, heartbeat_timeout_s,
                                                 pod._lose, JOIN_WAIT_S)
         log.info("%d followers joined; every device call goes to them first", jax.process_count() - 1)
     else:
-        port = int(global_state.client.blocking_key_value_get(CHANNEL_KEY, wait_ms))
+        port = int(global_state.client.blocking_key_value_get(key, wait_ms))
         host = global_state.coordinator_address.rpartition(":")[0].strip("[]")
         pod._follower = channel.Follower.connect((host, port), pod.process, fingerprint, pod._lose, JOIN_WAIT_S)
         log.info("process %d: following the leader at %s:%d", pod.process, host, port)
