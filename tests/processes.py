@@ -4,6 +4,10 @@ import os
 import random
 import re
 import socket
+from pathlib import Path
+
+from grok.checkpoint.demo import write_demo_checkpoint
+from grok.model.config import GrokConfig
 
 # What JAX's cluster detection (or our flags) read: none of it may leak in from wherever the tests run.
 CLUSTER_PREFIXES = ("GROK_", "SLURM_", "OMPI_", "PMI_", "MEGASCALE_", "TPU_WORKER_")
@@ -37,3 +41,11 @@ def worker_env() -> dict[str, str]:
     else:
         env.pop("XLA_FLAGS", None)
     return env
+
+
+def checkpoint_with_config(directory: Path, config: GrokConfig) -> tuple[Path, Path]:
+    """A random checkpoint of `config` in `directory/ckpt-0`, and its config as a JSON file beside it
+    (what `--config` of a CLI process reads)."""
+    path = directory / "config.json"
+    path.write_text(config.to_json())
+    return write_demo_checkpoint(directory / "ckpt-0", config), path

@@ -17,10 +17,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from processes import free_port, is_cluster_var, worker_env
+from processes import checkpoint_with_config, free_port, is_cluster_var, worker_env
 
 from grok import cli
-from grok.checkpoint.demo import DEMO_CONFIG, write_demo_checkpoint
+from grok.checkpoint.demo import DEMO_CONFIG
 from grok.model.config import PRESETS
 from grok.parallel import distributed
 from grok.serving.api import Grok, SamplingParams
@@ -37,10 +37,7 @@ TIMEOUT_S = 240
 
 @pytest.fixture(scope="module")
 def shard_checkpoint(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("distributed")
-    config = tmp / "shard.json"
-    config.write_text(CONFIG.to_json())
-    return write_demo_checkpoint(tmp / "ckpt-0", CONFIG), config
+    return checkpoint_with_config(tmp_path_factory.mktemp("distributed"), CONFIG)
 
 
 @pytest.fixture
@@ -106,10 +103,7 @@ MIN_MARGIN = 0.5  # top-1 minus top-2 logit: 4 bf16 steps, well above the layout
 
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo_like")
-    config = tmp / "demo.json"
-    config.write_text(DEMO_LIKE.to_json())
-    return write_demo_checkpoint(tmp / "ckpt-0", DEMO_LIKE), config
+    return checkpoint_with_config(tmp_path_factory.mktemp("demo_like"), DEMO_LIKE)
 
 
 @functools.cache

@@ -26,14 +26,20 @@ def grok(request, params):
 
 def test_cached_decode_equals_full_forward(grok):
     """Prefill a right-padded prompt, then decode token by token: logits match one full pass."""
+    assert_cached_decode_equals_full_forward(grok, CONFIG)
+
+
+def assert_cached_decode_equals_full_forward(grok, config):
+    """A 12-token prompt prefilled (right-padded to 16), then 8 tokens decoded one at a time: the
+    logits of every position match one full forward pass over the 20 tokens."""
     rng = np.random.default_rng(0)
-    sequence = rng.integers(3, CONFIG.vocab_size, size=20)
+    sequence = rng.integers(3, config.vocab_size, size=20)
     full = grok.logits(sequence)
 
     apply = jax.jit(grok.apply)
     prompt = np.zeros((1, 16), np.int32)
     prompt[0, :12] = sequence[:12]
-    memory = transformer.init_memory(CONFIG, 1, 32, stacked=grok.scan_layers)
+    memory = transformer.init_memory(config, 1, 32, stacked=grok.scan_layers)
     out = apply(grok.params, jnp.asarray(prompt), memory, jnp.asarray([12]))
     cached = [np.asarray(out.logits[0, :12], np.float32)]
     memory = out.memory

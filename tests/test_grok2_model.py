@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_reference
 import pytest
+from test_generation import assert_cached_decode_equals_full_forward
 from test_model_vs_reference import TOLERANCE, assert_matches_reference, prompt_set, relative_error
 
 from grok import PRESETS, Grok
@@ -80,21 +81,7 @@ def test_eight_devices_match_the_reference(rules, mesh):
 def test_cached_decode_equals_the_full_forward_past_the_temperature_length(tiny_params):
     """A 12-token prompt (positions past 8 already), then 8 tokens one at a time."""
     grok = Grok(TINY, weights.stack_layers(tiny_params, TINY.num_layers), cpu_format=False)
-    sequence = np.random.default_rng(0).integers(3, TINY.vocab_size, size=20)
-    full = grok.logits(sequence)
-    apply = jax.jit(grok.apply)
-    prompt = np.zeros((1, 16), np.int32)
-    prompt[0, :12] = sequence[:12]
-    memory = transformer.init_memory(TINY, 1, 32, stacked=grok.scan_layers)
-    out = apply(grok.params, jnp.asarray(prompt), memory, jnp.asarray([12]))
-    cached, memory = [np.asarray(out.logits[0, :12], np.float32)], out.memory
-    for t in range(12, 20):
-        out = apply(grok.params, jnp.asarray([[sequence[t]]]), memory)
-        cached.append(np.asarray(out.logits[0], np.float32))
-        memory = out.memory
-    cached = np.concatenate(cached)
-    assert np.abs(cached - full).max() / np.abs(full).max(-1).min() < 0.02
-    np.testing.assert_array_equal(cached.argmax(-1), full.argmax(-1))
+    assert_cached_decode_equals_full_forward(grok, TINY)
 
 
 @pytest.mark.parametrize("field, grok1_value", [

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from processes import free_port, worker_env
+from processes import checkpoint_with_config, free_port, worker_env
 
 from grok.checkpoint.demo import DEMO_CONFIG, write_demo_checkpoint
 from grok.server.app import create_app
@@ -53,10 +53,7 @@ SERVE_FLAGS = [
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pod")
-    config = tmp / "demo.json"
-    config.write_text(CONFIG.to_json())
-    return write_demo_checkpoint(tmp / "ckpt-0", CONFIG), config
+    return checkpoint_with_config(tmp_path_factory.mktemp("pod"), CONFIG)
 
 
 class Pod:

@@ -32,6 +32,7 @@ COMMON = re.compile(r".*-TP-common\.safetensors$")
 RANK = re.compile(r".*-TP-(\d{3})\.safetensors$")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _LAYER = re.compile(r"^transformer/decoder_layer_(\d+)/(.+)$")
+_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.")
 _NORMS = {"rms_norm": "pre_attn_norm", "rms_norm_1": "post_attn_norm", "rms_norm_2": "pre_moe_norm",
           "rms_norm_3": "post_moe_norm"}
 _LINEARS = {  # model module (in a layer) -> the release's name, stored [out, in]
@@ -68,6 +69,11 @@ class Release:
                     self.ranked.setdefault(key, {})[int(rank.group(1))] = stored.array(key)
                 else:
                     self.common[key] = stored.array(key)
+        self.experts: dict[int, set[int]] = {}  # layer -> its experts, from the TP files' tensor names
+        for key in self.ranked:
+            match = _EXPERT_KEY.match(key)
+            if match:
+                self.experts.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
         ranks = {r for parts in self.ranked.values() for r in parts}
         self.ranks = max(ranks, default=-1) + 1
         missing = sorted(set(range(self.ranks)) - ranks)
@@ -103,7 +109,9 @@ class Release:
             return Transposed(self.tensor(f"{prefix}.{_LINEARS[module]}.weight"))
         if module in _EXPERTS:
             part, axis = _EXPERTS[module]
-            experts = sorted({int(k.split(".")[5]) for k in self.ranked if k.startswith(f"{prefix}.block_sparse_moe.experts.")})
+            experts = sorted(self.experts.get(layer, ()))
+            if not experts:
+                raise CheckpointError(f"{self.directory}: no expert tensors of layer {layer} in its TP files")
             return Stacked([Transposed(self.slices(f"{prefix}.block_sparse_moe.experts.{e}.{part}.weight", axis))
                             for e in experts])
         raise CheckpointError(f"the Grok-2 release has no tensor for parameter {name}")
@@ -233,9 +241,14 @@ def quantize_columns(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rounded to bf16, and each value divided by it, rounded and clipped to -127..127."""
     values = np.asarray(values, np.float32)
     scales = (np.abs(values).max(axis=-2, keepdims=True) / np.float32(127)).astype(BF16)
+    return _divided(values, scales), scales
+
+
+def _divided(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """`values` over their columns' bf16 `scales`, rounded and clipped to int8 (a zero scale: zeros)."""
     divisor = scales.astype(np.float32)
-    divisor[divisor == 0] = 1  # an all-zero column: any scale gives zeros
-    return np.clip(np.rint(values / divisor), -127, 127).astype(np.int8), scales
+    divisor[divisor == 0] = 1
+    return np.clip(np.rint(np.asarray(values, np.float32) / divisor), -127, 127).astype(np.int8)
 
 
 class _Scales(_Lazy):
@@ -267,7 +280,4 @@ class _Int8(_Lazy):
 
     def __getitem__(self, index) -> np.ndarray:
         *lead, rows, cols = _slices(index, self.shape)
-        scales = self.scales.columns(tuple(lead), cols).astype(np.float32)
-        scales[scales == 0] = 1
-        values = np.asarray(self.source[(*lead, rows, cols)], np.float32)
-        return np.clip(np.rint(values / scales), -127, 127).astype(np.int8)
+        return _divided(self.source[(*lead, rows, cols)], self.scales.columns(tuple(lead), cols))

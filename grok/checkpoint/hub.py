@@ -97,20 +97,7 @@ def download(
         )
 
     log.info("downloading %s/ and %s of %s (commit %s) into %s", subdir, TOKENIZER_FILE, repo_id, commit, local_dir)
-    try:
-        snapshot_download(
-            repo_id,
-            revision=commit,  # exactly the commit listed above, even if the branch moves meanwhile
-            local_dir=local_dir,
-            allow_patterns=[f"{subdir}/*", TOKENIZER_FILE],
-            endpoint=endpoint,
-            tqdm_class=None if progress else _NoProgress,
-        )
-    except _TRANSFER_ERRORS as err:
-        raise DownloadError(
-            f"download of {repo_id} into {local_dir} stopped: {err}. Run it again to continue "
-            "(files already complete are kept)"
-        ) from err
+    _snapshot(repo_id, commit, local_dir, [f"{subdir}/*", TOKENIZER_FILE], endpoint, progress)
     log.info("checkpoint: %s, tokenizer: %s", local_dir / subdir, local_dir / TOKENIZER_FILE)
     return local_dir / subdir
 
@@ -122,16 +109,22 @@ def _download_release(repo_id: str, top: dict, commit: str, local_dir: Path, end
         raise DownloadError(f"{repo_id} (commit {commit}) holds Grok-2's safetensors but no {GROK2_TOKENIZER_FILE}")
     log.info("downloading the safetensors files and %s of %s (commit %s) into %s", GROK2_TOKENIZER_FILE, repo_id,
              commit, local_dir)
+    _snapshot(repo_id, commit, local_dir, ["*.safetensors", GROK2_TOKENIZER_FILE], endpoint, progress)
+    return local_dir
+
+
+def _snapshot(repo_id: str, commit: str, local_dir: Path, patterns: list[str], endpoint: str | None,
+              progress: bool) -> None:
+    """`snapshot_download` of `patterns` at exactly `commit` (even if the branch moves meanwhile); a
+    failed transfer is a DownloadError saying to run it again."""
     try:
-        snapshot_download(repo_id, revision=commit, local_dir=local_dir, endpoint=endpoint,
-                          allow_patterns=["*.safetensors", GROK2_TOKENIZER_FILE],
+        snapshot_download(repo_id, revision=commit, local_dir=local_dir, allow_patterns=patterns, endpoint=endpoint,
                           tqdm_class=None if progress else _NoProgress)
     except _TRANSFER_ERRORS as err:
         raise DownloadError(
             f"download of {repo_id} into {local_dir} stopped: {err}. Run it again to continue "
             "(files already complete are kept)"
         ) from err
-    return local_dir
 
 
 class _NoProgress(tqdm.tqdm):
